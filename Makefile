@@ -1,0 +1,32 @@
+# The whole set-up on a fresh machine: `make test` and `make bench` create .venv when missing,
+# install the pinned requirements and this package (building its extension), then run.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+SOURCES := $(shell find csrc -type f 2>/dev/null) setup.py requirements-dev.txt
+# nvcc lives here on our machines; setup.py compiles the CUDA kernels when it finds it.
+export CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
+export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+export MAX_JOBS ?= 2
+
+.PHONY: test bench install clean
+
+test: $(STAMP)
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) -m benchmarks $(BENCH_ARGS)
+
+install: $(STAMP)
+
+$(PY):
+	python3 -m venv $(VENV)
+
+$(STAMP): $(PY) $(SOURCES)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-build-isolation -e .
+	touch $(STAMP)
+
+clean:
+	rm -rf build *.egg-info icl_msr_kernels/*.so benchmarks/results

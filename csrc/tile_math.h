@@ -1,0 +1,76 @@
+// Tile math shared by the CPU (csrc/cpu) and CUDA (csrc/cuda) kernels: the roles of the columns,
+// the online log-sum-exp update and the NT-Xent gradient coefficient. Written once so that the
+// CPU tests exercise exactly what the GPU runs.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#if defined(__CUDACC__)
+#define ICL_MSR_HD __host__ __device__ __forceinline__
+#else
+#define ICL_MSR_HD inline
+#endif
+
+namespace icl_msr {
+
+// How the interventional logits are formed from the features (a, b) of a row and a column,
+// matching `int_mode` of the contrastive ops: no interventional term (plain NT-Xent),
+// "concat": a·a' + b·b', "add": b·b' (b = rownorm(x + gamma c) / sqrt(tau) built in Python).
+enum IntMode : int64_t { kIntNone = 0, kIntConcat = 1, kIntAdd = 2 };
+
+// How the prior enters the prototype attention, matching `prior_mode`. In both modes the
+// weights are W = exp(E + log_prior - row_lse); row_lse is the log-sum-exp of E + log_prior
+// ("logit") or of E alone ("mult").
+enum PriorMode : int64_t { kPriorLogit = 0, kPriorMult = 1 };
+
+// Local row `row` of `rows` (the two views stacked) sits in global column row_offset + row;
+// its positive is the same sample in the other view.
+ICL_MSR_HD int64_t self_column(int64_t row, int64_t row_offset) { return row_offset + row; }
+ICL_MSR_HD int64_t positive_column(int64_t row, int64_t rows, int64_t row_offset) {
+  return row_offset + (row + rows / 2) % rows;
+}
+
+ICL_MSR_HD float fast_exp(float v) {
+#if defined(__CUDA_ARCH__)
+  return __expf(v);
+#else
+  return std::exp(v);
+#endif
+}
+ICL_MSR_HD double fast_exp(double v) { return exp(v); }
+ICL_MSR_HD float fast_log(float v) { return logf(v); }
+ICL_MSR_HD double fast_log(double v) { return log(v); }
+
+template <typename T>
+ICL_MSR_HD T neg_inf() {
+  return -std::numeric_limits<T>::infinity();
+}
+
+// Running (max, sum of exp(v - max)) of a row, merged with a block's (max, sum). A block with
+// max -inf (all masked) leaves it unchanged; the first block replaces the initial (-inf, 0).
+template <typename T>
+ICL_MSR_HD void lse_merge(T& run_max, T& run_sum, T block_max, T block_sum) {
+  if (block_max == neg_inf<T>()) return;
+  if (block_max > run_max) {
+    run_sum = run_sum * fast_exp(run_max - block_max) + block_sum;
+    run_max = block_max;
+  } else {
+    run_sum += block_sum * fast_exp(block_max - run_max);
+  }
+}
+
+template <typename T>
+ICL_MSR_HD T lse_finish(T run_max, T run_sum) {
+  return run_max + fast_log(run_sum);
+}
+
+// d(mean over `rows` anchors of NT-Xent)/d(logit) for one (anchor, column) pair:
+// (softmax probability - [column is the positive]) / rows. The self column has coefficient 0.
+template <typename T>
+ICL_MSR_HD T ntxent_grad_coef(T logit, T row_lse, bool is_positive, T inv_rows) {
+  return (fast_exp(logit - row_lse) - (is_positive ? T(1) : T(0))) * inv_rows;
+}
+
+}  // namespace icl_msr

@@ -32,15 +32,21 @@ def _load_reference():
 
 
 def _load_cpp():
-    raise BackendUnavailable("the C++ extension is not implemented yet (issue 3)")
+    from .kernels import extension
+
+    return extension.load("cpu")
 
 
 def _load_triton():
-    raise BackendUnavailable("the Triton kernels are not implemented yet (issue 4)")
+    from .kernels import triton_backend
+
+    return triton_backend.load()
 
 
 def _load_cuda():
-    raise BackendUnavailable("the CUDA kernels are not implemented yet (issue 5)")
+    from .kernels import extension
+
+    return extension.load("cuda")
 
 
 # name -> (loader, device types it runs on). A loader returns the kernels or raises

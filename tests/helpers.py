@@ -78,7 +78,7 @@ def assert_matches_reference(inputs, backend, dtype, **kwargs):
             assert grads[name].dtype == value.dtype, f"grad of {name} is {grads[name].dtype}"
             assert grads[name].shape == value.shape
     if dtype in TOLERANCES:
-        ref_parts, ref_grads = loss_and_grads(cast(inputs, dtype), "reference", **kwargs)
+        ref_parts, ref_grads = loss_and_grads(cast(inputs, torch.float64), "reference", **kwargs)
         loss_tol, grad_tol = TOLERANCES[dtype]
         loss_err, grad_err = _errors(parts, grads, ref_parts, ref_grads)
         assert loss_err <= loss_tol, f"{backend} {dtype} loss rel. error {loss_err:.3g}"

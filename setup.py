@@ -26,7 +26,8 @@ def extensions():
     if os.environ.get("ICL_MSR_NO_CUDA") == "1":
         with_cuda = False
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    # No -std flag: torch picks the standard its headers need (C++20 from torch 2.13 on).
+    cxx = ["-O3", "-fopenmp"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     if with_cuda:
         ext = cpp_extension.CUDAExtension(
@@ -34,7 +35,7 @@ def extensions():
             cpu_sources + cuda_sources,
             include_dirs=include_dirs,
             define_macros=[("ICL_MSR_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-std=c++17",
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math",
                                                       "-lineinfo"]},
             extra_link_args=["-fopenmp"],
             py_limited_api=False,

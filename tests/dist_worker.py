@@ -1,0 +1,74 @@
+"""One rank of the distributed tests (launched by test_distributed.py, not collected by pytest).
+
+usage: dist_worker.py RANK WORLD PORT OUT_DIR CASE BACKENDS
+CASE "match": per-rank slices of a fixed global batch; saves losses and gradients per config.
+CASE "mismatch": ranks with different batch sizes; saves the error message.
+"""
+
+import sys
+
+import torch
+import torch.distributed as dist
+
+from icl_msr_kernels import icl_msr_loss, ntxent_loss
+
+PER_RANK = 3
+CONFIGS = [("logit", "concat"), ("logit", "add"), ("mult", "concat"), ("mult", "add"),
+           ("ntxent", None)]
+
+
+def global_batch(world: int):
+    """The same float64 global batch on every rank (and in the single-process check)."""
+    gen = torch.Generator().manual_seed(11)
+    n, d, k = PER_RANK * world, 5, 4
+    return {
+        "z1": torch.randn(n, d, generator=gen, dtype=torch.float64),
+        "z2": torch.randn(n, d, generator=gen, dtype=torch.float64),
+        "prototypes": torch.randn(k, d, generator=gen, dtype=torch.float64),
+        "prior_logits": torch.randn(k, generator=gen, dtype=torch.float64),
+        "temperature": torch.tensor(0.3, dtype=torch.float64),
+    }
+
+
+def loss_and_grads(batch, config, backend, gather):
+    leaves = {name: t.detach().clone().requires_grad_(True) for name, t in batch.items()}
+    prior_mode, combine = config
+    if prior_mode == "ntxent":
+        loss = ntxent_loss(leaves["z1"], leaves["z2"], temperature=leaves["temperature"],
+                           backend=backend, gather_distributed=gather)
+        leaves = {n: leaves[n] for n in ("z1", "z2", "temperature")}
+    else:
+        loss = icl_msr_loss(leaves["z1"], leaves["z2"], leaves["prototypes"],
+                            leaves["prior_logits"], temperature=leaves["temperature"],
+                            attn_temperature=0.4, gamma=0.8, lam=0.6, prior_mode=prior_mode,
+                            combine=combine, backend=backend, gather_distributed=gather)
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    return loss.detach(), dict(zip(leaves, grads))
+
+
+def main(rank: int, world: int, port: int, out_dir: str, case: str, backends: list[str]) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    try:
+        if case == "mismatch":
+            z = torch.randn(PER_RANK + rank, 4)
+            try:
+                ntxent_loss(z, z.flip(0), gather_distributed=True)
+                message = "no error"
+            except ValueError as err:
+                message = str(err)
+            torch.save(message, f"{out_dir}/rank{rank}.pt")
+            return
+        batch = global_batch(world)
+        rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+        mine = dict(batch, z1=batch["z1"][rows], z2=batch["z2"][rows])
+        results = {(backend, config): loss_and_grads(mine, config, backend, True)
+                   for backend in backends for config in CONFIGS}
+        torch.save(results, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    rank, world, port, out_dir, case, backends = sys.argv[1:]
+    main(int(rank), int(world), int(port), out_dir, case, backends.split(","))

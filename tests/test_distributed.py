@@ -77,3 +77,16 @@ def test_gather_without_process_group_raises():
         icl.icl_msr_loss(z, z.flip(0), torch.randn(2, 4), gather_distributed=True)
     with pytest.raises(RuntimeError, match="init_process_group"):
         icl.NTXentLoss(gather_distributed=True)(z, z)
+
+
+def test_ddp_example_trains_under_torchrun():
+    root = os.path.dirname(os.path.dirname(__file__))
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+         "--master_port", str(_free_port()), os.path.join(root, "examples", "ddp_icl_msr.py"),
+         "--steps", "12"],
+        capture_output=True, text=True, timeout=TIMEOUT_S,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = [float(line.split()[3]) for line in proc.stdout.splitlines() if line.startswith("step")]
+    assert len(losses) == 3 and losses[-1] < losses[0]

@@ -59,7 +59,8 @@ def loss_and_grads(inputs, backend, **kwargs):
     return [p.detach() for p in parts], dict(zip(leaves, grads))
 
 
-def _errors(parts, grads, ref_parts, ref_grads):
+def relative_errors(parts, grads, ref_parts, ref_grads):
+    """(max relative error of the loss parts, {name: max grad error / max|reference grad|})."""
     loss_err = max(((p.double() - r.double()).abs() / r.double().abs().clamp_min(1e-30)).item()
                    for p, r in zip(parts, ref_parts))
     grad_err = {}
@@ -80,15 +81,15 @@ def assert_matches_reference(inputs, backend, dtype, **kwargs):
     if dtype in TOLERANCES:
         ref_parts, ref_grads = loss_and_grads(cast(inputs, torch.float64), "reference", **kwargs)
         loss_tol, grad_tol = TOLERANCES[dtype]
-        loss_err, grad_err = _errors(parts, grads, ref_parts, ref_grads)
+        loss_err, grad_err = relative_errors(parts, grads, ref_parts, ref_grads)
         assert loss_err <= loss_tol, f"{backend} {dtype} loss rel. error {loss_err:.3g}"
         for name, err in grad_err.items():
             assert err <= grad_tol, f"{backend} {dtype} grad {name} error {err:.3g}"
         return
     truth_parts, truth_grads = loss_and_grads(cast(inputs, torch.float64), "reference", **kwargs)
     eager_parts, eager_grads = loss_and_grads(cast(inputs, dtype), "reference", **kwargs)
-    loss_err, grad_err = _errors(parts, grads, truth_parts, truth_grads)
-    eager_loss_err, eager_grad_err = _errors(eager_parts, eager_grads, truth_parts, truth_grads)
+    loss_err, grad_err = relative_errors(parts, grads, truth_parts, truth_grads)
+    eager_loss_err, eager_grad_err = relative_errors(eager_parts, eager_grads, truth_parts, truth_grads)
     assert loss_err <= eager_loss_err + HALF_SLACK, \
         f"{backend} {dtype} loss error {loss_err:.3g} vs eager {eager_loss_err:.3g}"
     for name, err in grad_err.items():

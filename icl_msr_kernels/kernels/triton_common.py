@@ -1,0 +1,285 @@
+"""Shared machinery of the Triton backend: options, tile helpers, launching, op registration.
+
+The two ops (`triton_attention`, `triton_contrastive`) are built from the same parts:
+
+- tile helpers (`load_tile`, `store_tile`, `dot_nt`) that handle any D: when D fits one
+  BLOCK_D-wide tile ("ONE_D") the row tiles are loaded once and held in registers, as in
+  flash-attention; otherwise dot products loop over D in BLOCK_D chunks and every kernel that
+  accumulates a (rows, D) result gets a grid axis over D chunks (`d_blocking`);
+- `segment_length`, which splits a sweep over segments so small problems still fill the GPU;
+- `TunedKernel`, a kernel with its GPU autotuning spaces and the fixed configuration the Triton
+  interpreter runs (the interpreter cannot time configurations);
+- `define_op`, which registers a function as a torch op: `torch.library.triton_op` (traceable by
+  torch.compile down to the kernels) where torch has it and the kernels are compiled, an opaque
+  `torch.library.custom_op` with a fake implementation otherwise (older torch, and the
+  interpreter, whose kernels cannot run on fake tensors).
+
+Options (read at every call, so they may be changed at run time):
+
+- ``ICL_MSR_TRITON_FP32_PRECISION`` / `set_fp32_precision`: how float32 dot products run (see
+  there); the default "ieee" is true float32 and meets SPEC's float32 tolerance.
+- ``ICL_MSR_TRITON_AUTOTUNE=0`` / `set_autotune(False)`: skip autotuning and run every kernel
+  with its default tiles (quicker start: autotuning compiles and times every configuration
+  once per kernel variant and problem size).
+
+Every kernel writes each output element from exactly one program and never uses atomics, so
+results are bit-identical run to run for a given tile configuration (SPEC §4). Autotuning
+picks a configuration per process by timing; ICL_MSR_TRITON_AUTOTUNE=0 also makes results
+identical across processes.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+try:  # The interpreter's stand-in for a compiled kernel (TRITON_INTERPRET=1).
+    from triton.runtime.interpreter import InterpretedFunction
+except ImportError:  # pragma: no cover - every supported Triton has it
+    InterpretedFunction = ()
+
+# Namespace of the torch ops this backend registers.
+OP_NAMESPACE = "icl_msr_triton"
+
+# Widest D chunk a kernel holds as one tile, (forward, backward), by how tl.dot runs: tensor
+# cores on 2-byte operands ("half"), on 4-byte ones once ("tf32") or three times on split
+# operands ("tf32x3"), or CUDA-core FMAs ("fma": float32 "ieee" and float64, whose dot keeps
+# whole operand rows per thread). Chosen from register spills and shared memory compiled for
+# sm_80 and sm_90: wider tiles spill or overflow an A100's shared memory. A forward kernel past
+# its width loops over D inside each tile at no extra arithmetic; a backward kernel takes one D
+# chunk per program and recomputes the logit tiles for each. The interpreter uses small chunks
+# so that tests reach the chunked paths.
+_MAX_BLOCK_D = {"half": (128, 128), "tf32": (64, 64), "tf32x3": (32, 32), "fma": (32, 32)}
+_INTERPRET_BLOCK_D = 32
+# Tensor-core minimum: tl.dot needs every tile dimension >= 16.
+_MIN_BLOCK = 16
+
+_FP32_PRECISIONS = ("ieee", "tf32x3", "tf32")
+_fp32_precision = os.environ.get("ICL_MSR_TRITON_FP32_PRECISION", "ieee")
+_autotune = os.environ.get("ICL_MSR_TRITON_AUTOTUNE", "1") != "0"
+
+
+@triton.jit
+def load_tile(ptr, rows, row_mask, d0, D, BLOCK_D: tl.constexpr):
+    """Rows `rows` of a row-major (n, D) matrix, columns d0 .. d0 + BLOCK_D - 1, zero-padded."""
+    cols = d0 + tl.arange(0, BLOCK_D)
+    offsets = rows.to(tl.int64)[:, None] * D + cols[None, :]  # int64: n * D may pass 2**31
+    return tl.load(ptr + offsets, mask=row_mask[:, None] & (cols[None, :] < D), other=0.0)
+
+
+@triton.jit
+def store_tile(ptr, rows, row_mask, d0, D, value, BLOCK_D: tl.constexpr):
+    """Write `value` (rows, BLOCK_D) to columns d0 .. of a row-major (n, D) matrix, in its dtype."""
+    cols = d0 + tl.arange(0, BLOCK_D)
+    offsets = rows.to(tl.int64)[:, None] * D + cols[None, :]
+    tl.store(ptr + offsets, value.to(ptr.dtype.element_ty),
+             mask=row_mask[:, None] & (cols[None, :] < D))
+
+
+@triton.jit
+def dot_nt(x_tile, y_tile, x_ptr, x_rows, x_mask, y_ptr, y_rows, y_mask, D,
+           BX: tl.constexpr, BY: tl.constexpr, BLOCK_D: tl.constexpr, ONE_D: tl.constexpr,
+           FP64: tl.constexpr, PREC: tl.constexpr):
+    """x[x_rows] · y[y_rows]ᵀ over all of D, accumulated in float32 (float64 for FP64).
+
+    With ONE_D the tiles x_tile, y_tile already hold whole rows and the product is one dot;
+    otherwise the rows are re-read from x_ptr, y_ptr chunk by chunk (the tiles are unused).
+    """
+    if ONE_D:
+        out = tl.dot(x_tile, tl.trans(y_tile), input_precision=PREC)
+    else:
+        out = tl.zeros((BX, BY), dtype=tl.float64 if FP64 else tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            x = load_tile(x_ptr, x_rows, x_mask, d0, D, BLOCK_D)
+            y = load_tile(y_ptr, y_rows, y_mask, d0, D, BLOCK_D)
+            out = tl.dot(x, tl.trans(y), out, input_precision=PREC)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Host-side helpers
+
+
+def interpreting() -> bool:
+    """True when triton.jit produced interpreter functions (TRITON_INTERPRET=1 at import)."""
+    return isinstance(load_tile, InterpretedFunction)
+
+
+def set_fp32_precision(precision: str) -> None:
+    """Choose how float32 dot products run: "ieee" (default), "tf32x3" or "tf32".
+
+    "ieee" is true float32 on CUDA cores and meets SPEC's float32 tolerance. "tf32x3" uses
+    tensor cores on each operand split into two TF32 parts, close to float32; "tf32" uses them
+    once, fastest, with about three fewer decimal digits (outside SPEC's float32 tolerance).
+    Half-precision and float64 inputs are unaffected.
+    """
+    global _fp32_precision
+    if precision not in _FP32_PRECISIONS:
+        raise ValueError(f"fp32 precision must be one of {', '.join(map(repr, _FP32_PRECISIONS))}, "
+                         f"got {precision!r}")
+    _fp32_precision = precision
+
+
+def get_fp32_precision() -> str:
+    """The current float32 dot precision (see `set_fp32_precision`)."""
+    return _fp32_precision
+
+
+def set_autotune(enabled: bool) -> None:
+    """Autotune tile shapes on first use (True, the default) or use each kernel's default."""
+    global _autotune
+    _autotune = bool(enabled)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input_precision for operands of `dtype` (only float32 has a choice)."""
+    if dtype != torch.float32:
+        return "ieee"
+    if _fp32_precision not in _FP32_PRECISIONS:  # a bad environment variable
+        raise ValueError(f"ICL_MSR_TRITON_FP32_PRECISION must be one of "
+                         f"{', '.join(_FP32_PRECISIONS)}, got {_fp32_precision!r}")
+    return _fp32_precision
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float32, or float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def uses_fma(dtype: torch.dtype, precision: str) -> bool:
+    """Whether tl.dot runs on CUDA-core FMAs (float32 "ieee", float64), not tensor cores."""
+    return dtype == torch.float64 or (dtype == torch.float32 and precision == "ieee")
+
+
+def d_blocking(dim: int, backward: bool, dtype: torch.dtype, precision: str) -> tuple[int, int]:
+    """(BLOCK_D, number of D chunks) for feature width `dim` and operands of `dtype`."""
+    if interpreting():
+        cap = _INTERPRET_BLOCK_D
+    elif uses_fma(dtype, precision):
+        cap = _MAX_BLOCK_D["fma"][backward]
+    else:  # tensor cores: float32 in "tf32" or "tf32x3", or 2-byte types
+        cap = _MAX_BLOCK_D[precision if dtype == torch.float32 else "half"][backward]
+    block = min(max(triton.next_power_of_2(int(dim)), _MIN_BLOCK), cap)
+    return block, triton.cdiv(int(dim), block)
+
+
+# Split sweeps. A kernel whose programs own blocks of n_own rows and sweep n_swept others would
+# have only n_own / BLOCK programs for a small n_own (one contrastive problem, a few
+# prototypes), far fewer than a GPU's SMs. Such sweeps are cut into segments, one program per
+# (block, segment), each writing partial results that torch combines in a fixed order: the GPU
+# fills and results stay deterministic without atomics.
+_TARGET_PROGRAMS = 264  # about two waves on a 132-SM H100, four on a 108-SM A100
+_NOMINAL_BLOCK = 64  # owner rows per program assumed when sizing segments (before autotuning)
+_SEGMENT_QUANTUM = 128  # segments are multiples of every swept-tile size the configs use
+_INTERPRET_SEGMENT = 16  # the interpreter's tile size: tests reach the multi-segment paths
+
+
+def segment_length(n_own: int, n_chunks: int, n_swept: int) -> int:
+    """Swept rows per segment for a sweep of `n_swept` rows by blocks of `n_own` owners."""
+    if interpreting():
+        return _INTERPRET_SEGMENT
+    programs = triton.cdiv(int(n_own), _NOMINAL_BLOCK) * n_chunks
+    segments = max(1, min(_TARGET_PROGRAMS // programs,
+                          triton.cdiv(int(n_swept), _SEGMENT_QUANTUM)))
+    return triton.cdiv(triton.cdiv(int(n_swept), segments), _SEGMENT_QUANTUM) * _SEGMENT_QUANTUM
+
+
+def check_device(*tensors: torch.Tensor | None) -> None:
+    """Raise RuntimeError unless the kernels can run on these tensors' device."""
+    for t in tensors:
+        if t is None:
+            continue
+        if t.device.type == "cuda" or (t.device.type == "cpu" and interpreting()):
+            continue
+        if t.device.type == "cpu":
+            raise RuntimeError(
+                "backend 'triton' runs on CPU tensors only under the Triton interpreter: set "
+                "TRITON_INTERPRET=1 before triton is first imported (or use CUDA tensors)")
+        raise RuntimeError(f"backend 'triton' runs on CUDA tensors, got a tensor on {t.device}")
+
+
+Space = Sequence[tuple[int, int, int, int]]  # (block_a, block_b, num_warps, num_stages) each
+
+
+class TunedKernel:
+    """A Triton kernel with its GPU autotuning spaces and a fixed interpreter configuration.
+
+    Tensor-core dots ("mma") and CUDA-core FMA dots ("fma", see `uses_fma`) want different
+    tiles, so each has its own space; its first entry is the default used without autotuning.
+    Configurations are timed per distinct value of `key`. The interpreter cannot time them
+    (it has no CUDA events), so there the kernel runs with `interpret_meta`. Every kernel here
+    writes its outputs without reading them, so autotuning may rerun it freely.
+    """
+
+    def __init__(self, fn: Any, block_names: tuple[str, str], mma: Space, fma: Space,
+                 key: list[str], interpret_meta: dict[str, int]):
+        def tuner(space: Space) -> Any:
+            configs = [triton.Config({block_names[0]: a, block_names[1]: b}, num_warps=w,
+                                     num_stages=s) for a, b, w, s in space]
+            return triton.autotune(configs=configs, key=key)(fn)
+
+        self.fn = fn
+        self.spaces = {"mma": mma, "fma": fma}
+        # (autotuned, default only) per dot kind; a one-config autotuner never times anything.
+        self._tuners = {kind: (tuner(space), tuner(space[:1]))
+                        for kind, space in self.spaces.items()}
+        self.interpret_meta = interpret_meta
+
+    def default_config(self, fma: bool) -> triton.Config:
+        """The configuration used without autotuning (and first among those tuned)."""
+        return self._tuners["fma" if fma else "mma"][1].configs[0]
+
+    def launch(self, grid: Callable[[dict], tuple[int, ...]], *args: Any, fma: bool,
+               **consts: Any) -> None:
+        """Run on `grid(meta)` programs; `consts` are the constexprs autotuning does not choose."""
+        if interpreting():
+            meta = {**self.interpret_meta, **consts}
+            self.fn[grid(meta)](*args, **meta)
+            return
+        tuned, default = self._tuners["fma" if fma else "mma"]
+        _wrap_triton(tuned if _autotune else default)[grid](*args, **consts)
+
+
+# --------------------------------------------------------------------------------------------
+# Op registration
+
+_HAS_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
+_wrap_triton = torch.library.wrap_triton if _HAS_TRITON_OP else (lambda kernel: kernel)
+
+
+def define_op(name: str, fake: Callable[..., Any]) -> Callable[[Callable[..., Any]], Any]:
+    """Decorator registering `fn` as the torch op icl_msr_triton::name (no mutated arguments).
+
+    torch.library.triton_op lets torch.compile see through the op to the kernels (its fake
+    implementation is `fn` itself run on fake tensors). Without it, or under the interpreter
+    (whose kernels need real data), the op is an opaque custom_op described by `fake`.
+    """
+
+    def register(fn: Callable[..., Any]) -> Any:
+        qualname = f"{OP_NAMESPACE}::{name}"
+        if _HAS_TRITON_OP and not interpreting():
+            return torch.library.triton_op(qualname, mutates_args=())(fn)
+        op = torch.library.custom_op(qualname, mutates_args=())(fn)
+        op.register_fake(fake)
+        return op
+
+    return register
+
+
+def no_double_backward(op_name: str) -> Callable[..., Any]:
+    """Autograd formula of a backward op: refuse, clearly, to differentiate it (SPEC §3)."""
+
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"backend 'triton' does not support double backward (through {op_name}); use "
+            f"backend='reference' for higher-order gradients")
+
+    return backward
+
+
+def ignore_context(ctx, inputs, output) -> None:
+    """setup_context of a backward op: nothing to save, its own backward only raises."""

@@ -1,0 +1,353 @@
+"""NT-Xent of SPEC steps 7-8 on both terms at once, as Triton kernels and a differentiable torch op.
+
+Features arrive pre-scaled by 1/sqrt(tau), so every similarity is already a logit. Local rows
+(B of them, two views side by side) are compared with M columns: the rows themselves
+(single process) or every rank's rows gathered (distributed negatives, this rank's rows
+starting at column row_offset). The positive of row r is column row_offset + (r + B/2) mod B;
+its own column row_offset + r is excluded. Base logits are a·a'; interventional ones are
+a·a' + b·b' ("concat") or b·b' ("add"); int_mode "none" has the base term only.
+
+- forward: each program owns a block of rows and sweeps the column tiles once, computing the
+  a·a' tile once for both terms and folding both into online log-sum-exps; it saves only the
+  row lse (2, B) and never forms a B x M matrix;
+- backward: tiles are recomputed. With G = (softmax_row - Y)/B per term, d(rows) = G cols and
+  d(cols) = Gᵀ rows. One kernel does every sweep: a program owns a block of "owner" rows
+  (features it writes the gradient of) and sweeps the "swept" ones, using the lse of whichever
+  side is made of rows. Single process, owner = swept = rows and R symmetric, so
+  G_ij + G_ji = (exp(S_ij - lse_i) + exp(S_ij - lse_j) - 2 Y_ij)/B gives a row's whole gradient
+  in one sweep; distributed, one row-owned sweep gives d(rows) and one column-owned sweep
+  d(cols).
+
+One contrastive problem has only B / BLOCK row blocks, so both sweeps are also split over
+segments of the swept side (`segment_length`): each program writes partial results (a
+segment's lse and positive logit, or a partial gradient) that torch combines in a fixed order.
+Every program writes only its own outputs: no atomics, deterministic.
+"""
+
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .triton_common import (TunedKernel, acc_dtype, check_device, d_blocking, define_op, dot_nt,
+                            dot_precision, ignore_context, load_tile, no_double_backward,
+                            segment_length, store_tile, uses_fma)
+
+# int_mode names -> the INT_MODE constexpr of the kernels.
+INT_MODES = {"none": 0, "concat": 1, "add": 2}
+
+
+@triton.jit
+def _online_lse(m, l, pos, s, valid, is_pos):
+    """Fold a (rows, cols) tile of logits into each row's running max, sum of exponentials and
+    positive logit (taken from the same tile, so lse - pos cancels exactly when it should)."""
+    s = tl.where(valid, s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    # A row may have no valid column yet (its segment's first tiles held only its own column):
+    # shift by 0 then, so that exp(-inf - -inf) never makes a NaN.
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    l = l * tl.exp(m - shift) + tl.sum(tl.exp(s - shift[:, None]), 1)
+    pos += tl.sum(tl.where(is_pos, s, 0.0), 1)
+    return m_new, l, pos
+
+
+@triton.jit
+def _ntxent_fwd_kernel(
+    a_ptr, b_ptr, ac_ptr, bc_ptr, lse_ptr, pos_ptr,
+    B, M, D, row_offset, segment_cols,
+    INT_MODE: tl.constexpr, FP64: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_D: tl.constexpr, ONE_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Each row's lse and positive logit over one segment of columns, per term: (terms,
+    segments, B) outputs, -inf and 0 where a row has no column in the segment."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    segment = tl.program_id(1)
+    segments = tl.num_programs(1)
+    row_mask = rows < B
+    self_col = row_offset + rows
+    pos_col = row_offset + (rows + B // 2) % B
+    acc_ty = tl.float64 if FP64 else tl.float32
+    a = load_tile(a_ptr, rows, row_mask, 0, D, BLOCK_D)
+    m_base = tl.full((BLOCK_M,), float("-inf"), acc_ty)
+    l_base = tl.zeros((BLOCK_M,), acc_ty)
+    pos_base = tl.zeros((BLOCK_M,), acc_ty)
+    if INT_MODE != 0:
+        b = load_tile(b_ptr, rows, row_mask, 0, D, BLOCK_D)
+        m_int = tl.full((BLOCK_M,), float("-inf"), acc_ty)
+        l_int = tl.zeros((BLOCK_M,), acc_ty)
+        pos_int = tl.zeros((BLOCK_M,), acc_ty)
+
+    col_start = segment * segment_cols  # a multiple of BLOCK_N: no tile crosses segments
+    for c0 in range(col_start, tl.minimum(col_start + segment_cols, M), BLOCK_N):
+        cols = c0 + tl.arange(0, BLOCK_N)
+        col_mask = cols < M
+        valid = col_mask[None, :] & (cols[None, :] != self_col[:, None])
+        is_pos = cols[None, :] == pos_col[:, None]
+        a_cols = load_tile(ac_ptr, cols, col_mask, 0, D, BLOCK_D)
+        s_aa = dot_nt(a, a_cols, a_ptr, rows, row_mask, ac_ptr, cols, col_mask, D,
+                      BLOCK_M, BLOCK_N, BLOCK_D, ONE_D, FP64, PREC)
+        m_base, l_base, pos_base = _online_lse(m_base, l_base, pos_base, s_aa, valid, is_pos)
+        if INT_MODE != 0:
+            b_cols = load_tile(bc_ptr, cols, col_mask, 0, D, BLOCK_D)
+            s_int = dot_nt(b, b_cols, b_ptr, rows, row_mask, bc_ptr, cols, col_mask, D,
+                           BLOCK_M, BLOCK_N, BLOCK_D, ONE_D, FP64, PREC)
+            if INT_MODE == 1:  # "concat": the a·a' tile is shared with the base term
+                s_int += s_aa
+            m_int, l_int, pos_int = _online_lse(m_int, l_int, pos_int, s_int, valid, is_pos)
+
+    out = segment * B + rows
+    tl.store(lse_ptr + out, m_base + tl.log(l_base), mask=row_mask)
+    tl.store(pos_ptr + out, pos_base, mask=row_mask)
+    if INT_MODE != 0:
+        out += segments * B
+        tl.store(lse_ptr + out, m_int + tl.log(l_int), mask=row_mask)
+        tl.store(pos_ptr + out, pos_int, mask=row_mask)
+
+
+@triton.jit
+def _softmax_grad(s, lse_own, lse_swept, valid, is_pos, OWNER_ROWS: tl.constexpr,
+                  SWEPT_ROWS: tl.constexpr):
+    """B·(G_os + G_so) restricted to the sides that are rows: softmax minus positive indicator.
+
+    Subtracting Y inside the tile, in float32, keeps the relative precision of p_pos - 1 (small
+    once the positive dominates) before the tile is cast to a half-precision dot operand.
+    """
+    p = tl.zeros(s.shape, s.dtype)
+    if OWNER_ROWS:
+        p += tl.exp(s - lse_own[:, None])
+    if SWEPT_ROWS:
+        p += tl.exp(s - lse_swept[None, :])
+    sides: tl.constexpr = OWNER_ROWS + SWEPT_ROWS
+    return tl.where(valid, p, 0.0) - tl.where(is_pos, sides, 0.0)
+
+
+@triton.jit
+def _ntxent_bwd_kernel(
+    oa_ptr, ob_ptr, sa_ptr, sb_ptr, lse_ptr, grad_ptr, da_ptr, db_ptr,
+    n_own, n_swept, B, D, row_offset, segment_len,
+    OWNER_ROWS: tl.constexpr, SWEPT_ROWS: tl.constexpr,
+    INT_MODE: tl.constexpr, FP64: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_D: tl.constexpr, ONE_D: tl.constexpr,
+    BLOCK_O: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Gradients of the owner features (a, and b unless "none") from one segment of the swept
+    rows, for one D chunk: rows segment * n_own + owner of the (segments * n_own, D) outputs."""
+    own = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
+    own_mask = own < n_own
+    d0 = tl.program_id(1) * BLOCK_D
+    segment = tl.program_id(2)
+    acc_ty = tl.float64 if FP64 else tl.float32
+    oa = load_tile(oa_ptr, own, own_mask, d0, D, BLOCK_D)
+    if OWNER_ROWS:
+        lse_own_base = tl.load(lse_ptr + own, mask=own_mask, other=0.0)
+        lse_own_int = tl.load(lse_ptr + B + own, mask=own_mask, other=0.0)
+    else:
+        lse_own_base = 0.0
+        lse_own_int = 0.0
+
+    # Upstream gradients of (L_base, L_int). The a-gradient of "concat" mixes both terms in one
+    # product; their tiles are weighted relative to the larger |grad| before the cast to the
+    # features' dtype, and the scale goes on afterwards, so half-precision operands stay in
+    # range whatever the loss scale.
+    g_base = tl.load(grad_ptr).to(acc_ty)
+    g_int = tl.load(grad_ptr + 1).to(acc_ty)
+    if INT_MODE == 1:
+        scale_a = tl.maximum(tl.abs(g_base), tl.abs(g_int))
+        scale_a = tl.where(scale_a == 0, 1.0, scale_a)
+        w_base = g_base / scale_a
+        w_int = g_int / scale_a
+    else:
+        scale_a = g_base
+
+    acc_a = tl.zeros((BLOCK_O, BLOCK_D), acc_ty)
+    if INT_MODE != 0:
+        ob = load_tile(ob_ptr, own, own_mask, d0, D, BLOCK_D)
+        acc_b = tl.zeros((BLOCK_O, BLOCK_D), acc_ty)
+
+    swept_start = segment * segment_len  # a multiple of BLOCK_S: no tile crosses segments
+    for s0 in range(swept_start, tl.minimum(swept_start + segment_len, n_swept), BLOCK_S):
+        swept = s0 + tl.arange(0, BLOCK_S)
+        swept_mask = swept < n_swept
+        # (local row r, global column c) of every tile entry; its own column is excluded.
+        if OWNER_ROWS:
+            r = own[:, None]
+            c = swept[None, :]
+        else:
+            r = swept[None, :]
+            c = own[:, None]
+        valid = own_mask[:, None] & swept_mask[None, :] & (c != row_offset + r)
+        is_pos = valid & (c == row_offset + (r + B // 2) % B)
+        if SWEPT_ROWS:
+            lse_swept_base = tl.load(lse_ptr + swept, mask=swept_mask, other=0.0)
+            lse_swept_int = tl.load(lse_ptr + B + swept, mask=swept_mask, other=0.0)
+        else:
+            lse_swept_base = 0.0
+            lse_swept_int = 0.0
+
+        sa = load_tile(sa_ptr, swept, swept_mask, d0, D, BLOCK_D)
+        s_aa = dot_nt(oa, sa, oa_ptr, own, own_mask, sa_ptr, swept, swept_mask, D,
+                      BLOCK_O, BLOCK_S, BLOCK_D, ONE_D, FP64, PREC)
+        t_a = _softmax_grad(s_aa, lse_own_base, lse_swept_base, valid, is_pos, OWNER_ROWS,
+                            SWEPT_ROWS)
+        if INT_MODE != 0:
+            sb = load_tile(sb_ptr, swept, swept_mask, d0, D, BLOCK_D)
+            s_int = dot_nt(ob, sb, ob_ptr, own, own_mask, sb_ptr, swept, swept_mask, D,
+                           BLOCK_O, BLOCK_S, BLOCK_D, ONE_D, FP64, PREC)
+            if INT_MODE == 1:
+                s_int += s_aa
+            t_b = _softmax_grad(s_int, lse_own_int, lse_swept_int, valid, is_pos, OWNER_ROWS,
+                                SWEPT_ROWS)
+            acc_b = tl.dot(t_b.to(sb.dtype), sb, acc_b, input_precision=PREC)
+            if INT_MODE == 1:  # "concat": a also enters the interventional logits
+                t_a = t_a * w_base + t_b * w_int
+        acc_a = tl.dot(t_a.to(sa.dtype), sa, acc_a, input_precision=PREC)
+
+    out = segment * n_own + own
+    store_tile(da_ptr, out, own_mask, d0, D, acc_a * (scale_a / B), BLOCK_D)
+    if INT_MODE != 0:
+        store_tile(db_ptr, out, own_mask, d0, D, acc_b * (g_int / B), BLOCK_D)
+
+
+# Tile shapes (rows, columns, num_warps, num_stages); the first of each list is the default.
+# The forward holds the row tiles and two (rows, cols) logit tiles, like a flash-attention
+# forward without its output; the backward also holds one or two (rows, BLOCK_D) float32
+# accumulators, hence smaller tiles. The lists were chosen from register and shared-memory use
+# compiled for sm_80 and sm_90 (the defaults spill little or nothing at D = 128 in "concat", the
+# heaviest mode). FMA dots (float32 "ieee", float64) keep whole operand rows in registers and
+# need small tiles.
+_FWD_MMA = [(128, 64, 8, 3), (64, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 3), (64, 32, 4, 3)]
+_FWD_FMA = [(64, 32, 8, 2), (32, 32, 4, 3), (64, 64, 8, 2)]
+_BWD_MMA = [(64, 32, 8, 3), (32, 32, 4, 2), (64, 64, 8, 2), (32, 64, 4, 3)]
+_BWD_FMA = [(64, 32, 8, 2), (32, 32, 4, 3)]
+
+_fwd = TunedKernel(_ntxent_fwd_kernel, ("BLOCK_M", "BLOCK_N"), _FWD_MMA, _FWD_FMA,
+                   ["B", "M", "D", "INT_MODE"], {"BLOCK_M": 16, "BLOCK_N": 16})
+_bwd = TunedKernel(_ntxent_bwd_kernel, ("BLOCK_O", "BLOCK_S"), _BWD_MMA, _BWD_FMA,
+                   ["n_own", "n_swept", "D", "INT_MODE", "OWNER_ROWS", "SWEPT_ROWS"],
+                   {"BLOCK_O": 16, "BLOCK_S": 16})
+
+
+def _fwd_fake(a, b, a_cols, b_cols, row_offset, int_mode, precision):
+    acc = acc_dtype(a.dtype)
+    return a.new_empty(2, dtype=acc), a.new_empty(2, a.shape[0], dtype=acc)
+
+
+@define_op("ntxent_fwd", _fwd_fake)
+def ntxent_fwd(a: Tensor, b: Optional[Tensor], a_cols: Optional[Tensor], b_cols: Optional[Tensor],
+               row_offset: int, int_mode: str, precision: str) -> Tuple[Tensor, Tensor]:
+    """(losses, lse): losses = [L_base, L_int] (2,), lse (2, B) the row log-sum-exps per term
+    (the second row unused for "none")."""
+    if a_cols is None:
+        a_cols, b_cols = a, b
+    mode = INT_MODES[int_mode]
+    terms = 2 if mode else 1
+    a, a_cols = a.contiguous(), a_cols.contiguous()
+    # "none" has no b: the kernel never reads these pointers, any tensor will do.
+    b, b_cols = (b.contiguous(), b_cols.contiguous()) if mode else (a, a_cols)
+    (B, D), M = a.shape, a_cols.shape[0]
+    block_d, n_chunks = d_blocking(D, False, a.dtype, precision)
+    segment_cols = segment_length(B, 1, M)
+    segments = triton.cdiv(M, segment_cols)
+    lse_parts = a.new_empty(terms, segments, B, dtype=acc_dtype(a.dtype))
+    pos_parts = torch.empty_like(lse_parts)
+    _fwd.launch(lambda meta: (triton.cdiv(B, meta["BLOCK_M"]), segments), a, b, a_cols, b_cols,
+                lse_parts, pos_parts, B, M, D, row_offset, segment_cols,
+                fma=uses_fma(a.dtype, precision), INT_MODE=mode, FP64=a.dtype == torch.float64,
+                PREC=precision, BLOCK_D=block_d, ONE_D=n_chunks == 1)
+    lse = torch.logsumexp(lse_parts, dim=1)  # (terms, B)
+    losses = (lse - pos_parts.sum(dim=1)).sum(dim=1) / B
+    if terms == 1:  # "none": L_int is zero
+        lse = torch.cat([lse, torch.zeros_like(lse)])
+        losses = torch.cat([losses, torch.zeros_like(losses)])
+    return losses, lse
+
+
+def _bwd_fake(grad_losses, a, b, a_cols, b_cols, lse, row_offset, int_mode, precision):
+    return [torch.empty_like(t) if t is not None else a.new_empty(0)
+            for t in (a, b, a_cols, b_cols)]
+
+
+@define_op("ntxent_bwd", _bwd_fake)
+def ntxent_bwd(grad_losses: Tensor, a: Tensor, b: Optional[Tensor], a_cols: Optional[Tensor],
+               b_cols: Optional[Tensor], lse: Tensor, row_offset: int, int_mode: str,
+               precision: str) -> List[Tensor]:
+    """[da, db, da_cols, db_cols] of `ntxent_fwd`; an empty tensor for each absent input."""
+    mode = INT_MODES[int_mode]
+    grad_losses = grad_losses.to(lse.dtype).contiguous()
+    a = a.contiguous()
+    b = b.contiguous() if mode else a
+    (B, D) = a.shape
+    block_d, n_chunks = d_blocking(D, True, a.dtype, precision)
+    consts = dict(fma=uses_fma(a.dtype, precision), INT_MODE=mode, FP64=a.dtype == torch.float64,
+                  PREC=precision, BLOCK_D=block_d, ONE_D=n_chunks == 1)
+
+    def sweep(own_a, own_b, swept_a, swept_b, owner_rows, swept_rows):
+        n_own, n_swept = own_a.shape[0], swept_a.shape[0]
+        segment_len = segment_length(n_own, n_chunks, n_swept)
+        segments = triton.cdiv(n_swept, segment_len)
+        # One segment writes the gradients themselves; several write float32 partial sums.
+        dtype = a.dtype if segments == 1 else acc_dtype(a.dtype)
+        d_a = own_a.new_empty(segments * n_own, D, dtype=dtype)
+        d_b = own_b.new_empty(segments * n_own, D, dtype=dtype) if mode else d_a  # never written
+        _bwd.launch(lambda meta: (triton.cdiv(n_own, meta["BLOCK_O"]), n_chunks, segments),
+                    own_a, own_b, swept_a, swept_b, lse, grad_losses, d_a, d_b,
+                    n_own, n_swept, B, D, row_offset, segment_len,
+                    OWNER_ROWS=owner_rows, SWEPT_ROWS=swept_rows, **consts)
+        grads = (d_a, d_b) if mode else (d_a,)
+        if segments > 1:
+            grads = tuple(g.view(segments, n_own, D).sum(dim=0).to(a.dtype) for g in grads)
+        return grads if mode else (grads[0], a.new_empty(0))
+
+    if a_cols is None:  # single process: one symmetric sweep over the rows
+        # Absent gradients are distinct empty tensors: op outputs may not alias each other.
+        return [*sweep(a, b, a, b, True, True), a.new_empty(0), a.new_empty(0)]
+    a_cols = a_cols.contiguous()
+    b_cols = b_cols.contiguous() if mode else a_cols
+    da, db = sweep(a, b, a_cols, b_cols, True, False)
+    da_cols, db_cols = sweep(a_cols, b_cols, a, b, False, True)
+    return [da, db, da_cols, db_cols]
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    a, b, a_cols, b_cols, row_offset, int_mode, precision = inputs
+    _, lse = output
+    ctx.save_for_backward(a, b, a_cols, b_cols, lse)
+    ctx.row_offset, ctx.int_mode, ctx.precision = row_offset, int_mode, precision
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_losses, grad_lse):
+    a, b, a_cols, b_cols, lse = ctx.saved_tensors
+    da, db, da_cols, db_cols = ntxent_bwd(grad_losses, a, b, a_cols, b_cols, lse, ctx.row_offset,
+                                          ctx.int_mode, ctx.precision)
+    return (da, db if b is not None else None, da_cols if a_cols is not None else None,
+            db_cols if b_cols is not None else None, None, None, None)
+
+
+ntxent_fwd.register_autograd(_backward, setup_context=_setup_context)
+ntxent_bwd.register_autograd(no_double_backward("ntxent_bwd"), setup_context=ignore_context)
+
+
+def contrastive_losses(a: Tensor, b: Optional[Tensor], a_cols: Optional[Tensor],
+                       b_cols: Optional[Tensor], row_offset: int, int_mode: str
+                       ) -> Tuple[Tensor, Tensor]:
+    """Differentiable (L_base, L_int); the contract of `reference.contrastive_losses`.
+
+    a, b (B, D) this process's rows (B even: two views side by side), pre-scaled by
+    1/sqrt(tau); a_cols, b_cols (M, D) every column, or None when the columns are the rows.
+    Losses are float32 (float64 for float64 features); L_int is zero for int_mode "none".
+    """
+    check_device(a, b, a_cols, b_cols)
+    if a.shape[0] % 2:
+        raise ValueError(f"contrastive rows must be the two views stacked (an even count), got "
+                         f"{a.shape[0]}")
+    if int_mode not in INT_MODES:
+        raise ValueError(f"int_mode must be one of {', '.join(map(repr, INT_MODES))}, got "
+                         f"{int_mode!r}")
+    losses, _ = ntxent_fwd(a, b if int_mode != "none" else None, a_cols,
+                           b_cols if int_mode != "none" else None, row_offset, int_mode,
+                           dot_precision(a.dtype))
+    return losses[0], losses[1]

@@ -1,0 +1,485 @@
+"""Backend "triton" (issue 4) against the reference, on the GPU and under the Triton interpreter.
+
+Four groups:
+
+- interpreter tests (`interp`): the kernels run on CPU tensors under TRITON_INTERPRET=1. That
+  variable must be set before triton is first imported, and torch (or another test) may import
+  triton early, so plain `pytest tests` runs them in a child pytest process
+  (`test_interpreter_suite`). `TRITON_INTERPRET=1 pytest tests/test_triton.py` runs them
+  directly, one by one. The interpreter has no bfloat16, so they cover float32, float16 (and
+  float64, which checks the kernels' math to 1e-10).
+- error tests that need no GPU (run in the parent process, where triton is compiled, not
+  interpreted);
+- without a GPU, an ahead-of-time compile of every kernel for sm_80 and sm_90: the compiled
+  Triton frontend and backend, which the interpreter skips, accept them and they fit;
+- CUDA tests (`cuda`): skipped, with the reason, where no GPU is present.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import (GRAD_NAMES, PAIRS, TOLERANCES, relative_errors, assert_matches_reference, cast,
+                     loss_and_grads, make_inputs)
+from icl_msr_kernels import BackendUnavailable, icl_msr_loss, ntxent_loss
+from icl_msr_kernels.backends import load_backend, resolve_backend
+from icl_msr_kernels.reference import contrastive_losses as reference_contrastive
+from icl_msr_kernels.reference import rownorm
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+HAS_CUDA = torch.cuda.is_available()
+
+interp = pytest.mark.skipif(
+    not INTERPRETED, reason="interpreter test: run by test_interpreter_suite in a child process "
+                            "with TRITON_INTERPRET=1")
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+
+
+def cuda(test):
+    """Mark a CUDA test; without a GPU it is skipped and says why."""
+    skip = pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON and not INTERPRETED),
+                              reason="needs a CUDA GPU and compiled (not interpreted) Triton")
+    return pytest.mark.cuda(skip(test))
+
+
+# The child process must finish well inside the 3-minute budget of the interpreter tests.
+INTERPRETER_TIMEOUT_S = 170
+
+
+def _contrastive_case(dtype, int_mode, device="cpu", rows=6, dim=7, ranks=3, rank=1, seed=0):
+    """Features of `rows` local rows on rank `rank` of `ranks` (float64 masters, requiring grad):
+    (a, b, a_cols, b_cols, row_offset), b and b_cols None for "none"."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def feats(n):  # unit rows scaled by 1/sqrt(tau), as loss.py hands them to the kernels
+        return rownorm(torch.randn(n, dim, generator=gen, dtype=torch.float64)) / 0.2 ** 0.5
+
+    def leaf(t):
+        return t.to(device).requires_grad_(True)
+
+    a_all, b_all = feats(rows * ranks), feats(rows * ranks)
+    offset = rank * rows
+    a, a_cols = leaf(a_all[offset:offset + rows].clone()), leaf(a_all)
+    if int_mode == "none":
+        return a, None, a_cols, None, offset
+    return a, leaf(b_all[offset:offset + rows].clone()), a_cols, leaf(b_all), offset
+
+
+def _contrastive_parts_and_grads(fn, case, int_mode):
+    """(L_base, L_int) of fn on `case` and the gradients of L_base + 0.7 L_int."""
+    a, b, a_cols, b_cols, offset = case
+    base, inter = fn(a, b, a_cols, b_cols, offset, int_mode)
+    leaves = {n: t for n, t in zip(("a", "b", "a_cols", "b_cols"), (a, b, a_cols, b_cols))
+              if t is not None}
+    grads = torch.autograd.grad(base + 0.7 * inter, list(leaves.values()))
+    return [base.detach(), inter.detach()], dict(zip(leaves, grads))
+
+
+def assert_contrastive_matches_reference(dtype, int_mode, device="cpu", **shape):
+    """Distributed-style columns (rows of every rank, this rank's at row_offset): the kernels in
+    `dtype` against the float64 reference, with SPEC §5's float32/float64 tolerances."""
+    master = _contrastive_case(torch.float64, int_mode, device, **shape)
+    ours_case = tuple(t.detach().to(dtype).requires_grad_(True) if isinstance(t, torch.Tensor)
+                      else t for t in master)
+    kernels = load_backend("triton")
+    parts, grads = _contrastive_parts_and_grads(kernels.contrastive, ours_case, int_mode)
+    ref_parts, ref_grads = _contrastive_parts_and_grads(reference_contrastive, master, int_mode)
+    for name, g in grads.items():
+        assert g.dtype == dtype, f"grad of {name} is {g.dtype}"
+    if int_mode == "none":  # L_int is an exact zero: compare L_base only
+        parts, ref_parts = parts[:1], ref_parts[:1]
+    loss_tol, grad_tol = TOLERANCES[dtype]
+    loss_err, grad_err = relative_errors(parts, grads, ref_parts, ref_grads)
+    assert loss_err <= loss_tol, f"loss rel. error {loss_err:.3g}"
+    for name, err in grad_err.items():
+        assert err <= grad_tol, f"grad {name} error {err:.3g}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The interpreter run (parent process)
+
+
+@pytest.mark.skipif(INTERPRETED, reason="this process is the interpreter run itself")
+@needs_triton
+def test_interpreter_suite():
+    """Run this file's interpreter tests in a child pytest with TRITON_INTERPRET=1."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not cuda",
+         str(Path(__file__).resolve())],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=INTERPRETER_TIMEOUT_S)
+    elapsed = time.monotonic() - start
+    report = proc.stdout[-8000:] + proc.stderr[-4000:]
+    assert proc.returncode == 0, f"interpreter tests failed ({elapsed:.0f} s):\n{report}"
+    print(f"interpreter suite, {elapsed:.0f} s: {proc.stdout.strip().splitlines()[-1]}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Interpreter tests (child process)
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64],
+                         ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("prior_mode,combine", PAIRS)
+def test_matches_reference(dtype, prior_mode, combine):
+    # Odd D and K: every tile is padded and masked.
+    assert_matches_reference(make_inputs(n=5, d=7, k=3), "triton", dtype,
+                             prior_mode=prior_mode, combine=combine)
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("prior_mode,combine", PAIRS)
+def test_several_tiles(dtype, prior_mode, combine):
+    # The interpreter uses 16-wide tiles and segments and 32-wide D chunks: 18 rows,
+    # 19 prototypes and D = 37 give several row, column and prototype tiles, D chunks (the
+    # looped-D paths) and several segments in every split sweep.
+    assert_matches_reference(make_inputs(n=9, d=37, k=19, seed=1), "triton", dtype,
+                             prior_mode=prior_mode, combine=combine)
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("prior_mode,combine", PAIRS)
+def test_single_sample(dtype, prior_mode, combine):
+    # N = 1: each row's only candidate is its positive.
+    assert_matches_reference(make_inputs(n=1, d=5, k=2, seed=2), "triton", dtype,
+                             prior_mode=prior_mode, combine=combine)
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=lambda d: str(d)[6:])
+def test_one_prototype_uniform_prior_float_temperature(dtype):
+    inputs = make_inputs(n=3, d=3, k=1, prior=False, temperature_tensor=False,
+                         requires_grad=("z1", "z2", "prototypes"))
+    # K = 1: W = 1 and C = P for every row. With "concat" the C·C' term would be a constant
+    # (zero gradient, where relative errors mean nothing); "add" keeps every gradient alive.
+    assert_matches_reference(inputs, "triton", dtype, combine="add", gamma=0.5, lam=2.0,
+                             attn_temperature=0.3)
+
+
+@interp
+def test_ntxent_loss():
+    inputs = make_inputs(n=7, d=19, seed=3)
+    leaves = [[inputs[n].detach().to(dtype).requires_grad_(True) for n in ("z1", "z2")]
+              for dtype in (torch.float32, torch.float64)]
+    parts, grads = [], []
+    for (z1, z2), backend in zip(leaves, ("triton", "reference")):
+        loss = ntxent_loss(z1, z2, temperature=0.3, backend=backend)
+        parts.append([loss.detach()])
+        grads.append(dict(zip(("z1", "z2"), torch.autograd.grad(loss, (z1, z2)))))
+    loss_tol, grad_tol = TOLERANCES[torch.float32]
+    loss_err, grad_err = relative_errors(parts[0], grads[0], parts[1], grads[1])
+    assert loss_err <= loss_tol
+    assert max(grad_err.values()) <= grad_tol
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("int_mode", ["concat", "add", "none"])
+def test_distributed_columns(dtype, int_mode):
+    # Rows of rank 1 of 3 against every rank's rows: the row- and column-owned sweeps.
+    assert_contrastive_matches_reference(dtype, int_mode)
+    assert_contrastive_matches_reference(dtype, int_mode, rows=10, dim=37, ranks=2, rank=0)
+
+
+@interp
+def test_deterministic():
+    inputs = cast(make_inputs(n=9, d=37, k=19, seed=4), torch.float32)
+    first = loss_and_grads(inputs, "triton")
+    second = loss_and_grads(inputs, "triton")
+    for x, y in zip(first[0], second[0]):
+        assert torch.equal(x, y)
+    for name in first[1]:
+        assert torch.equal(first[1][name], second[1][name]), name
+
+
+@interp
+def test_half_losses_are_float32():
+    inputs = cast(make_inputs(), torch.float16)
+    parts, grads = loss_and_grads(inputs, "triton")
+    assert all(p.dtype == torch.float32 for p in parts)
+    assert grads["z1"].dtype == torch.float16 and grads["prototypes"].dtype == torch.float16
+
+
+@interp
+def test_double_backward_raises():
+    inputs = cast(make_inputs(), torch.float32)
+    loss = icl_msr_loss(inputs["z1"], inputs["z2"], inputs["prototypes"], inputs["prior_logits"],
+                        temperature=inputs["temperature"], backend="triton")
+    (g,) = torch.autograd.grad(loss, inputs["z1"], create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(g.sum(), inputs["prototypes"])
+
+
+@interp
+def test_compile_fullgraph():
+    # Under the interpreter the ops are opaque custom ops with fake implementations (triton_op
+    # would trace into kernels that need real data); "aot_eager" traces forward and backward
+    # without generating code. On a GPU, test_cuda_compile_fullgraph uses inductor.
+    inputs = cast(make_inputs(n=4, d=6, k=3, seed=5), torch.float32)
+
+    def fn(z1, z2, prototypes, prior_logits, temperature):
+        return icl_msr_loss(z1, z2, prototypes, prior_logits, temperature=temperature,
+                            backend="triton")
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    args = [inputs[n] for n in GRAD_NAMES]
+    eager = fn(*args)
+    eager_grads = torch.autograd.grad(eager, args)
+    got = compiled(*args)
+    got_grads = torch.autograd.grad(got, args)
+    torch.testing.assert_close(got, eager)
+    for g, e in zip(got_grads, eager_grads):
+        torch.testing.assert_close(g, e)
+
+
+@interp
+def test_fp32_precision_option():
+    from icl_msr_kernels.kernels import triton_common
+
+    with pytest.raises(ValueError, match="ieee"):
+        triton_common.set_fp32_precision("fast")
+    inputs = make_inputs()
+    try:
+        triton_common.set_fp32_precision("tf32")
+        assert triton_common.dot_precision(torch.float32) == "tf32"
+        assert triton_common.dot_precision(torch.float16) == "ieee"
+        parts, _ = loss_and_grads(cast(inputs, torch.float32), "triton")
+    finally:
+        triton_common.set_fp32_precision("ieee")
+    ref_parts, _ = loss_and_grads(inputs, "reference")
+    assert abs(parts[0].item() - ref_parts[0].item()) <= 1e-2 * abs(ref_parts[0].item())
+
+
+@interp
+def test_odd_row_count_rejected():
+    kernels = load_backend("triton")
+    a = torch.randn(5, 4)
+    with pytest.raises(ValueError, match="even"):
+        kernels.contrastive(a, None, None, None, 0, "none")
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors without a GPU (parent process: triton compiled, not interpreted)
+
+
+@pytest.mark.skipif(INTERPRETED, reason="needs a process without the interpreter")
+def test_cpu_without_interpreter_is_refused():
+    inputs = make_inputs()
+    with pytest.raises(BackendUnavailable, match="TRITON_INTERPRET|triton"):
+        icl_msr_loss(inputs["z1"], inputs["z2"], inputs["prototypes"], backend="triton")
+
+
+@pytest.mark.skipif(INTERPRETED, reason="needs a process without the interpreter")
+@needs_triton
+def test_kernels_refuse_cpu_tensors_without_interpreter():
+    kernels = load_backend("triton")
+    x, p = rownorm(torch.randn(4, 3)), rownorm(torch.randn(2, 3))
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        kernels.attention(x, p, torch.zeros(2), 0.1, "logit")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        kernels.contrastive(x, None, None, None, 0, "none")
+
+
+def test_missing_triton_is_reported(monkeypatch):
+    from icl_msr_kernels.kernels import triton_backend
+
+    monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` fail
+    with pytest.raises(BackendUnavailable, match="triton is not importable"):
+        triton_backend.load()
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_unsupported_dtype_is_refused():
+    kernels = load_backend("triton")
+    with pytest.raises(TypeError, match="float32, float16"):
+        kernels.attention(torch.zeros(2, 2, dtype=torch.complex64), None, None, 0.1, "logit")
+
+
+# ---------------------------------------------------------------------------------------------
+# The compiled (GPU) path without a GPU: compile every kernel for Hopper and Ampere
+
+
+def _compile_for(kernel, arch: int, dtype: str, consts: dict, config):
+    """triton.compile `kernel.fn` for sm_`arch` with `dtype` features and one tile config."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = kernel.fn
+    consts = {**consts, **config.kwargs}
+    accum = "fp64" if dtype == "fp64" else "fp32"
+    signature = {}
+    for name in fn.arg_names:
+        if name in consts:
+            signature[name] = "constexpr"
+        elif name == "lp_ptr":
+            signature[name] = "*" + (accum if dtype in ("fp32", "fp64") else "fp32")
+        elif name in ("lse_ptr", "pos_ptr", "delta_ptr", "grad_ptr", "dp_ptr", "dlp_ptr"):
+            signature[name] = "*" + accum
+        elif name.endswith("_ptr"):
+            signature[name] = "*" + dtype
+        else:
+            signature[name] = "fp32" if name == "inv_tau" else "i32"
+    import triton
+
+    return triton.compile(ASTSource(fn, signature, constexprs=consts),
+                          target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+
+
+# (arch, feature dtype, dot precision, shared memory per block available)
+_TARGETS = [(90, "fp16", "ieee", 227 * 1024), (80, "bf16", "ieee", 163 * 1024),
+            (90, "fp32", "ieee", 227 * 1024)]
+
+
+@pytest.mark.skipif(INTERPRETED or HAS_CUDA or not HAS_TRITON,
+                    reason="only where there is no GPU (the CUDA tests compile for real) and "
+                           "triton is compiled, not interpreted")
+@pytest.mark.parametrize("arch,dtype,precision,smem", _TARGETS,
+                         ids=[f"sm{a}-{d}-{p}" for a, d, p, _ in _TARGETS])
+def test_kernels_compile_for_gpu(arch, dtype, precision, smem):
+    """The compiled-Triton frontend and backend accept every kernel (default tile config, the
+    widest D tile, the most involved mode), and it fits the target's shared memory."""
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError as err:
+        pytest.skip(f"this Triton has no ahead-of-time compile API ({err})")
+    from icl_msr_kernels.kernels import triton_attention as attention
+    from icl_msr_kernels.kernels import triton_contrastive as contrastive
+    from icl_msr_kernels.kernels.triton_common import d_blocking, uses_fma
+
+    torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    fma = uses_fma(torch_dtype, precision)
+    # The widest D tile each kind of kernel takes for these operands.
+    fwd_d, bwd_d = (d_blocking(1 << 20, backward, torch_dtype, precision)[0]
+                    for backward in (False, True))
+    common = dict(FP64=False, PREC=precision, ONE_D=True)
+    cases = [(contrastive._fwd, dict(INT_MODE=1, BLOCK_D=fwd_d)),
+             (contrastive._bwd, dict(INT_MODE=1, OWNER_ROWS=True, SWEPT_ROWS=True, BLOCK_D=bwd_d)),
+             (attention._fwd, dict(MULT=True, BLOCK_D=fwd_d)),
+             (attention._bwd_rows, dict(MULT=True, BLOCK_D=bwd_d)),
+             (attention._bwd_protos, dict(MULT=True, BLOCK_D=bwd_d))]
+    for kernel, consts in cases:
+        config = kernel.default_config(fma)
+        compiled = _compile_for(kernel, arch, dtype, {**common, **consts}, config)
+        assert compiled.metadata.shared <= smem, (kernel.fn.__name__, compiled.metadata.shared)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA
+
+
+@pytest.fixture
+def default_tiles():
+    """Run the kernels with their default tiles: autotuning compiles and times every
+    configuration of every kernel variant, minutes that correctness tests need not spend."""
+    from icl_msr_kernels.kernels import triton_common
+
+    triton_common.set_autotune(False)
+    yield
+    triton_common.set_autotune(True)
+
+
+@cuda
+@pytest.mark.usefixtures("default_tiles")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("prior_mode,combine", PAIRS)
+def test_cuda_matches_reference(dtype, prior_mode, combine):
+    assert_matches_reference(make_inputs(n=37, d=37, k=13, device="cuda"), "triton", dtype,
+                             prior_mode=prior_mode, combine=combine)
+
+
+@cuda
+@pytest.mark.usefixtures("default_tiles")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("shape", [(1, 5, 2), (200, 128, 64), (96, 300, 24)],
+                         ids=lambda s: "n{}-d{}-k{}".format(*s))
+def test_cuda_shapes(shape, dtype):
+    # N = 1; the widest single D tile; D = 300 in several chunks (both D-loop paths).
+    n, d, k = shape
+    assert_matches_reference(make_inputs(n=n, d=d, k=k, seed=8, device="cuda"), "triton", dtype,
+                             prior_mode="mult", combine="concat")
+
+
+@cuda
+def test_cuda_autotuned():
+    assert_matches_reference(make_inputs(n=256, d=128, k=32, seed=9, device="cuda"), "triton",
+                             torch.float16)
+
+
+@cuda
+@pytest.mark.usefixtures("default_tiles")
+@pytest.mark.parametrize("int_mode", ["concat", "add", "none"])
+def test_cuda_distributed_columns(int_mode):
+    assert_contrastive_matches_reference(torch.float32, int_mode, "cuda", rows=130, dim=70,
+                                         ranks=3, rank=2)
+
+
+@cuda
+@pytest.mark.usefixtures("default_tiles")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+def test_cuda_deterministic(dtype):
+    inputs = cast(make_inputs(n=300, d=128, k=50, seed=6, device="cuda"), dtype)
+    first = loss_and_grads(inputs, "triton")
+    second = loss_and_grads(inputs, "triton")
+    for x, y in zip(first[0], second[0]):
+        assert torch.equal(x, y)
+    for name in first[1]:
+        assert torch.equal(first[1][name], second[1][name]), name
+
+
+@cuda
+@pytest.mark.usefixtures("default_tiles")
+def test_cuda_compile_fullgraph():
+    inputs = cast(make_inputs(n=64, d=96, k=16, seed=7, device="cuda"), torch.float32)
+
+    def fn(z1, z2, prototypes, prior_logits, temperature):
+        return icl_msr_loss(z1, z2, prototypes, prior_logits, temperature=temperature,
+                            backend="triton")
+
+    compiled = torch.compile(fn, fullgraph=True)
+    args = [inputs[n] for n in GRAD_NAMES]
+    eager = fn(*args)
+    eager_grads = torch.autograd.grad(eager, args)
+    got = compiled(*args)
+    got_grads = torch.autograd.grad(got, args)
+    torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-6)
+    for g, e in zip(got_grads, eager_grads):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+
+
+@cuda
+def test_cuda_auto_prefers_a_fused_backend():
+    assert resolve_backend("auto", torch.device("cuda")).name in ("cuda", "triton")
+
+
+@cuda
+@pytest.mark.usefixtures("default_tiles")
+@pytest.mark.parametrize("precision", ["tf32", "tf32x3"])
+def test_cuda_tensor_core_fp32(precision):
+    from icl_msr_kernels.kernels import triton_common
+
+    inputs = make_inputs(n=128, d=64, k=16, device="cuda")
+    try:
+        triton_common.set_fp32_precision(precision)
+        parts, grads = loss_and_grads(cast(inputs, torch.float32), "triton")
+    finally:
+        triton_common.set_fp32_precision("ieee")
+    ref_parts, ref_grads = loss_and_grads(inputs, "reference")
+    loss_err, grad_err = relative_errors(parts, grads, ref_parts, ref_grads)
+    assert loss_err <= 1e-2 and max(grad_err.values()) <= 5e-2

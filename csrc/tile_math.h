@@ -74,3 +74,31 @@ ICL_MSR_HD T ntxent_grad_coef(T logit, T row_lse, bool is_positive, T inv_rows) 
 }
 
 }  // namespace icl_msr
+
+namespace icl_msr {
+
+// Prototype attention (SPEC steps 4-6) of one (row a, prototype k) pair, E = x_a·P_k / tau_a:
+// the weight W = exp(E + log_prior_k - row_lse_a) that both prior modes use (see PriorMode).
+template <typename T>
+ICL_MSR_HD T attention_weight(T score, T log_prior, T row_lse) {
+  return fast_exp(score + log_prior - row_lse);
+}
+
+// dL/dE of one pair, from its weight, dweight = dC_a·P_k and delta = <dC_a, C_a> (SPEC §3):
+// "logit": W (dweight - delta); "mult": W dweight - S delta with S = exp(E - row_lse), the
+// attention before the prior multiplies it in.
+template <typename T>
+ICL_MSR_HD T attention_score_grad(T score, T weight, T dweight, T row_lse, T delta,
+                                  int64_t prior_mode) {
+  if (prior_mode == kPriorLogit) return weight * (dweight - delta);
+  return weight * dweight - fast_exp(score - row_lse) * delta;
+}
+
+// The pair's contribution to dL/dlog_prior_k: dL/dE itself in "logit" mode (the prior is added
+// to E), W dweight in "mult" mode (the prior multiplies the weights after the softmax).
+template <typename T>
+ICL_MSR_HD T attention_prior_grad(T score_grad, T weight, T dweight, int64_t prior_mode) {
+  return prior_mode == kPriorLogit ? score_grad : weight * dweight;
+}
+
+}  // namespace icl_msr

@@ -1,0 +1,140 @@
+// Argument checks of the icl_msr ops, shared by the CPU (csrc/cpu) and CUDA (csrc/cuda) kernels
+// so that bad input reads the same on either device. Each message names the argument, what was
+// expected and what came. Host code only.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <utility>
+
+#include "tile_math.h"
+
+namespace icl_msr {
+
+// SPEC §4: float64 inputs accumulate in float64, every other floating dtype in float32.
+inline at::ScalarType accum_dtype(at::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// A float64/32/16 or bfloat16 tensor of `dim` dimensions on `device` (the op's first input's).
+inline void check_tensor(const at::Tensor& t, const char* name, int64_t dim,
+                         const at::Device& device) {
+  TORCH_CHECK(t.device() == device, name, " must be on ", device,
+              " like the op's other inputs, got ", t.device());
+  TORCH_CHECK(t.dim() == dim, name, " must be ", dim, "-D, got shape ", t.sizes());
+  const auto dtype = t.scalar_type();
+  TORCH_CHECK(dtype == at::kDouble || dtype == at::kFloat || dtype == at::kHalf ||
+                  dtype == at::kBFloat16,
+              name, " must be float64, float32, float16 or bfloat16, got ", dtype);
+}
+
+inline void check_same_dtype(const at::Tensor& t, const char* name, const at::Tensor& like,
+                             const char* like_name) {
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), name, " must have the dtype of ", like_name,
+              " (", like.scalar_type(), "), got ", t.scalar_type());
+}
+
+inline void check_size(const at::Tensor& t, const char* name, int64_t dim, int64_t size,
+                       const char* what) {
+  TORCH_CHECK(t.size(dim) == size, name, " must have ", size, " ", what, " (dimension ", dim,
+              "), got shape ", t.sizes());
+}
+
+// attention_forward / attention_backward: x (B, D), prototypes (K >= 1, D), log_prior (K,).
+inline void check_attention_args(const at::Tensor& x, const at::Tensor& prototypes,
+                                 const at::Tensor& log_prior, double inv_attn_temperature,
+                                 int64_t prior_mode) {
+  check_tensor(x, "x", 2, x.device());
+  check_tensor(prototypes, "prototypes", 2, x.device());
+  check_same_dtype(prototypes, "prototypes", x, "x");
+  check_size(prototypes, "prototypes", 1, x.size(1), "features, as x");
+  TORCH_CHECK(prototypes.size(0) >= 1, "prototypes must have at least one row, got shape ",
+              prototypes.sizes());
+  check_tensor(log_prior, "log_prior", 1, x.device());
+  check_size(log_prior, "log_prior", 0, prototypes.size(0), "entries, one per prototype");
+  TORCH_CHECK(std::isfinite(inv_attn_temperature) && inv_attn_temperature > 0,
+              "inv_attn_temperature must be finite and > 0, got ", inv_attn_temperature);
+  TORCH_CHECK(prior_mode == kPriorLogit || prior_mode == kPriorMult,
+              "prior_mode must be 0 (\"logit\") or 1 (\"mult\"), got ", prior_mode);
+}
+
+// The extra inputs of attention_backward: grad_c and c like x, row_lse (B,).
+inline void check_attention_backward_args(const at::Tensor& grad_c, const at::Tensor& c,
+                                          const at::Tensor& row_lse, const at::Tensor& x) {
+  for (const auto& [t, name] : {std::pair{&grad_c, "grad_c"}, std::pair{&c, "c"}}) {
+    check_tensor(*t, name, 2, x.device());
+    check_size(*t, name, 0, x.size(0), "rows, as x");
+    check_size(*t, name, 1, x.size(1), "features, as x");
+  }
+  check_tensor(row_lse, "row_lse", 1, x.device());
+  check_size(row_lse, "row_lse", 0, x.size(0), "entries, one per row of x");
+}
+
+// What the contrastive ops' arguments describe, once checked.
+struct ContrastiveShape {
+  int64_t rows;   // B local rows (the two views stacked)
+  int64_t cols;   // M columns: B when they are the rows, else all ranks' rows
+  bool square;    // columns are the rows (a_cols None)
+  bool uses_b;    // an interventional term (int_mode != 0)
+};
+
+// contrastive_forward / contrastive_backward: a (B even, D), b (B, Db) unless int_mode is 0,
+// a_cols (M, D) and b_cols (M, Db) or neither, row_offset placing the rows among the columns.
+inline ContrastiveShape check_contrastive_args(const at::Tensor& a,
+                                               const std::optional<at::Tensor>& b,
+                                               const std::optional<at::Tensor>& a_cols,
+                                               const std::optional<at::Tensor>& b_cols,
+                                               int64_t row_offset, int64_t int_mode) {
+  TORCH_CHECK(int_mode >= kIntNone && int_mode <= kIntAdd,
+              "int_mode must be 0 (none), 1 (\"concat\") or 2 (\"add\"), got ", int_mode);
+  check_tensor(a, "a", 2, a.device());
+  const int64_t rows = a.size(0);
+  TORCH_CHECK(rows >= 2 && rows % 2 == 0,
+              "a must have a positive, even number of rows (the two views stacked), got shape ",
+              a.sizes());
+  ContrastiveShape shape{rows, rows, !a_cols.has_value(), int_mode != kIntNone};
+  if (shape.uses_b) {
+    TORCH_CHECK(b.has_value(), "b must be given when int_mode is ", int_mode);
+    check_tensor(*b, "b", 2, a.device());
+    check_same_dtype(*b, "b", a, "a");
+    check_size(*b, "b", 0, rows, "rows, as a");
+  }
+  if (shape.square) {
+    TORCH_CHECK(!b_cols.has_value(), "b_cols must be None when a_cols is None");
+    TORCH_CHECK(row_offset == 0,
+                "row_offset must be 0 when the columns are the rows (a_cols None), got ",
+                row_offset);
+    return shape;
+  }
+  check_tensor(*a_cols, "a_cols", 2, a.device());
+  check_same_dtype(*a_cols, "a_cols", a, "a");
+  check_size(*a_cols, "a_cols", 1, a.size(1), "features, as a");
+  shape.cols = a_cols->size(0);
+  TORCH_CHECK(row_offset >= 0 && row_offset + rows <= shape.cols, "row_offset must place the ",
+              rows, " rows of a inside the ", shape.cols, " rows of a_cols, got row_offset ",
+              row_offset);
+  if (shape.uses_b) {
+    TORCH_CHECK(b_cols.has_value(), "b_cols must be given when a_cols is and int_mode is ",
+                int_mode);
+    check_tensor(*b_cols, "b_cols", 2, a.device());
+    check_same_dtype(*b_cols, "b_cols", a, "a");
+    check_size(*b_cols, "b_cols", 0, shape.cols, "rows, as a_cols");
+    check_size(*b_cols, "b_cols", 1, b->size(1), "features, as b");
+  }
+  return shape;
+}
+
+// The extra inputs of contrastive_backward: grad_losses (2,) and row_lse (2, B).
+inline void check_contrastive_backward_args(const at::Tensor& grad_losses,
+                                            const at::Tensor& row_lse, const at::Tensor& a) {
+  check_tensor(grad_losses, "grad_losses", 1, a.device());
+  check_size(grad_losses, "grad_losses", 0, 2, "entries (L_base, L_int)");
+  check_tensor(row_lse, "row_lse", 2, a.device());
+  check_size(row_lse, "row_lse", 0, 2, "rows (one per term)");
+  check_size(row_lse, "row_lse", 1, a.size(0), "columns, one per row of a");
+}
+
+}  // namespace icl_msr

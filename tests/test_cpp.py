@@ -1,0 +1,301 @@
+"""Backend "cpp" (the fused C++ CPU kernels of issue 3) against the reference and SPEC §5."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import icl_msr_kernels as icl
+from icl_msr_kernels import icl_msr_loss, ntxent_loss
+from icl_msr_kernels.reference import contrastive_losses
+
+from helpers import GRAD_NAMES, PAIRS, assert_matches_reference, cast, loss_and_grads, make_inputs
+
+_REASON = icl.backend_status()["cpp"]
+pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"backend 'cpp' unavailable: {_REASON}")
+
+
+def _ops():
+    return torch.ops.icl_msr
+
+
+# --- agreement with the reference (SPEC §5) --------------------------------------------------
+
+@pytest.mark.parametrize("prior_mode,combine", PAIRS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("prior,temperature_tensor", [(True, True), (False, False)])
+def test_matches_reference(prior_mode, combine, dtype, prior, temperature_tensor):
+    # 2N = 600 rows: 4 row blocks of 150, so the round-robin tile schedule, the pair tiles and
+    # their transposes all take part; D = 37 fits no vector width.
+    inputs = make_inputs(300, 37, 7, seed=1, prior=prior, temperature_tensor=temperature_tensor)
+    assert_matches_reference(inputs, "cpp", dtype, prior_mode=prior_mode, combine=combine,
+                             gamma=0.7, lam=0.4)
+
+
+def _nonzero_gradients(d: int, k: int, combine: str) -> tuple[str, ...]:
+    """The inputs whose exact gradient is not identically 0 at these sizes.
+
+    With D = 1 every row normalises to +-1 (z1, z2 and the prototypes get 0); with K = 1 the prior
+    is the constant 1 (prior_logits gets 0) and every c is the one prototype, which in "concat"
+    only adds the constant gamma to every logit (the prototypes get 0). Where the exact gradient
+    is 0, both backends return rounding noise, which SPEC's relative tolerance cannot compare.
+    """
+    zero = set()
+    if d == 1:
+        zero |= {"z1", "z2", "prototypes"}
+    if k == 1:
+        zero |= {"prior_logits"} | ({"prototypes"} if combine == "concat" else set())
+    return tuple(name for name in GRAD_NAMES if name not in zero)
+
+
+@pytest.mark.parametrize("n,d,k", [(1, 1, 1), (1, 5, 3), (2, 1, 4), (5, 3, 1), (7, 9, 1024),
+                                   (1100, 3, 2)])
+def test_odd_sizes(n, d, k):
+    # (1100, 3, 2): 2200 rows, 8 row blocks, 8 rounds of the tile schedule. With D = 1 the
+    # attention temperature is raised to keep the prior's gradient well above rounding noise.
+    for prior_mode, combine in PAIRS:
+        inputs = make_inputs(n, d, k, seed=n + d + k,
+                             requires_grad=_nonzero_gradients(d, k, combine))
+        assert_matches_reference(inputs, "cpp", torch.float64, prior_mode=prior_mode,
+                                 combine=combine, attn_temperature=1.0 if d == 1 else 0.1)
+
+
+@pytest.mark.parametrize("dtype,tau", [(torch.float64, 5e-4), (torch.float32, 2e-3)])
+def test_extreme_logit_ranges_take_the_exact_paths(dtype, tau):
+    # The kernels use one exponential per logit when a tile's logits (forward) or its rows' and
+    # columns' log-sum-exps (backward) lie within a range the dtype's exp can hold (64 in float32,
+    # 600 in float64), else two. Here half the samples have a near-duplicate second view and the
+    # others do not, so the rows' largest logits and log-sum-exps differ by ~1/(2 tau): beyond that
+    # range, and the exact paths must give the same results.
+    inputs = make_inputs(300, 37, 7, seed=11)
+    z1, z2 = inputs["z1"].detach(), inputs["z2"].detach().clone()
+    z2[:150] = z1[:150] + 0.01 * z2[:150]
+    inputs["z2"] = z2.requires_grad_()
+    inputs["temperature"] = torch.tensor(tau, dtype=torch.float64, requires_grad=True)
+    assert_matches_reference(inputs, "cpp", dtype)
+
+
+@pytest.mark.parametrize("requires_grad", [("z1",), ("z2", "temperature"), ("prototypes",),
+                                           ("prior_logits",), ("temperature",), ()])
+def test_only_some_inputs_require_grad(requires_grad):
+    inputs = make_inputs(40, 6, 5, seed=3, requires_grad=requires_grad)
+    assert_matches_reference(inputs, "cpp", torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(dtype):
+    for prior_mode, combine in PAIRS:
+        assert_matches_reference(make_inputs(50, 16, 6, seed=4), "cpp", dtype,
+                                 prior_mode=prior_mode, combine=combine)
+
+
+def test_non_contiguous_inputs():
+    inputs = make_inputs(30, 8, 5, seed=5)
+    strided = {
+        # z1 transposed back, z2 every other column of a wider tensor, prototypes row-reversed.
+        "z1": inputs["z1"].detach().t().contiguous().t().requires_grad_(),
+        "z2": torch.cat([inputs["z2"].detach(), inputs["z2"].detach()], 1)[:, ::2]
+              .requires_grad_(),
+        "prototypes": inputs["prototypes"].detach().flip(0).requires_grad_(),
+        "prior_logits": inputs["prior_logits"].detach().flip(0).requires_grad_(),
+        "temperature": inputs["temperature"],
+    }
+    assert not strided["z1"].is_contiguous() and not strided["z2"].is_contiguous()
+    assert_matches_reference(strided, "cpp", torch.float64)
+    assert_matches_reference(strided, "cpp", torch.float32)
+
+
+def test_ntxent_matches_reference():
+    inputs = make_inputs(200, 12, 1, seed=6)
+    z1, z2 = inputs["z1"], inputs["z2"]
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+        ours = ntxent_loss(z1.to(dtype), z2.to(dtype), temperature=0.3, backend="cpp")
+        ref = ntxent_loss(z1, z2, temperature=0.3, backend="reference")
+        torch.testing.assert_close(ours.double(), ref, rtol=tol, atol=0)
+        grads = torch.autograd.grad(ours, [z1, z2])
+        ref_grads = torch.autograd.grad(ref, [z1, z2])
+        for g, r in zip(grads, ref_grads):
+            assert (g - r).abs().max() <= 10 * tol * r.abs().max()
+
+
+@pytest.mark.parametrize("int_mode", ["none", "concat", "add"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_rectangular_columns_match_reference(int_mode, dtype, tol):
+    """Distributed negatives: rows of one rank against the columns of three (row_offset > 0);
+    2 row blocks x 3 column blocks."""
+    gen = torch.Generator().manual_seed(7)
+    rows, cols, offset = 600, 1800, 600
+
+    def features(n, d):
+        return torch.randn(n, d, generator=gen, dtype=torch.float64)
+
+    a_cols, b_cols = features(cols, 11), features(cols, 5)
+    a, b = a_cols[offset:offset + rows].clone(), b_cols[offset:offset + rows].clone()
+    if int_mode == "none":
+        b, b_cols = None, None
+    masters = [None if t is None else t.requires_grad_() for t in (a, b, a_cols, b_cols)]
+    leaves = [None if t is None else t.detach().to(dtype).requires_grad_() for t in masters]
+    ours = icl.backends.load_backend("cpp").contrastive(*leaves, offset, int_mode)
+    ref = contrastive_losses(*masters, offset, int_mode)
+    for o, r in zip(ours, ref):
+        assert abs(o.item() - r.item()) <= tol * max(abs(r.item()), 1e-30)
+    weights = (0.6, 1.3)
+    grads = torch.autograd.grad(sum(w * o for w, o in zip(weights, ours)),
+                                [t for t in leaves if t is not None])
+    ref_grads = torch.autograd.grad(sum(w * r for w, r in zip(weights, ref)),
+                                    [t for t in masters if t is not None])
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == dtype
+        assert (g.double() - r).abs().max() <= 10 * tol * r.abs().max()
+
+
+# --- properties ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_repeated_runs_are_bit_identical(dtype):
+    inputs = cast(make_inputs(700, 24, 9, seed=8), dtype)
+    first_parts, first_grads = loss_and_grads(inputs, "cpp", combine="add")
+    for _ in range(2):
+        parts, grads = loss_and_grads(inputs, "cpp", combine="add")
+        assert all(torch.equal(p, q) for p, q in zip(parts, first_parts))
+        assert all(torch.equal(grads[n], first_grads[n]) for n in GRAD_NAMES)
+
+
+def test_auto_picks_cpp_for_cpu_tensors():
+    assert icl.backends.resolve_backend("auto", torch.device("cpu")).name == "cpp"
+
+
+def test_nan_propagates():
+    inputs = make_inputs(6, 4, 3, requires_grad=())
+    z1 = inputs["z1"].clone()
+    z1[2, 1] = float("nan")
+    loss = icl_msr_loss(z1, inputs["z2"], inputs["prototypes"], backend="cpp")
+    assert loss.isnan()
+
+
+def test_double_backward_raises_a_clear_error():
+    inputs = make_inputs(8, 4, 3)
+    loss = icl_msr_loss(inputs["z1"], inputs["z2"], inputs["prototypes"],
+                        inputs["prior_logits"], backend="cpp")
+    (grad,) = torch.autograd.grad(loss, [inputs["z1"]], create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(grad.square().sum(), [inputs["prototypes"]])
+
+
+def test_op_argument_checks():
+    a = torch.randn(5, 3)
+    with pytest.raises(RuntimeError, match="even number of rows"):
+        _ops().contrastive_forward(a, None, None, None, 0, 0)
+    with pytest.raises(RuntimeError, match="b must be given"):
+        _ops().contrastive_forward(a[:4], None, None, None, 0, 1)
+    with pytest.raises(RuntimeError, match="row_offset must place"):
+        _ops().contrastive_forward(a[:4], None, a, None, 2, 0)
+    with pytest.raises(RuntimeError, match="prior_mode must be"):
+        _ops().attention_forward(a, a, torch.zeros(5), 1.0, 2)
+
+
+# --- the torch.library contract: opcheck, torch.compile --------------------------------------
+
+def _op_samples():
+    """(op, args) for every op: square and rectangular, each int mode and prior mode, float64,
+    float32 and bfloat16 (whose outputs and row statistics are float32)."""
+    gen = torch.Generator().manual_seed(9)
+
+    def t(*shape, dtype):
+        return torch.randn(*shape, generator=gen, dtype=dtype)
+
+    ops = _ops()
+    samples = []
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        x, prototypes, log_prior = t(10, 6, dtype=dtype), t(4, 6, dtype=dtype), t(4, dtype=dtype)
+        for prior_mode in (0, 1):
+            args = (x.detach().requires_grad_(), prototypes.detach().requires_grad_(),
+                    log_prior.detach().requires_grad_(), 2.5, prior_mode)
+            samples.append((ops.attention_forward.default, args))
+            c, lse = ops.attention_forward(x, prototypes, log_prior, 2.5, prior_mode)
+            samples.append((ops.attention_backward.default,
+                            (t(10, 6, dtype=dtype), x, prototypes, log_prior, c, lse, 2.5,
+                             prior_mode)))
+        for int_mode in (0, 1, 2):
+            a, b = t(8, 5, dtype=dtype), t(8, 3, dtype=dtype) if int_mode else None
+            a_cols = torch.cat([t(4, 5, dtype=dtype), a, t(6, 5, dtype=dtype)])
+            b_cols = (torch.cat([t(4, 3, dtype=dtype), b, t(6, 3, dtype=dtype)]) if int_mode
+                      else None)
+            for cols, offset in (((None, None), 0), ((a_cols, b_cols), 4)):
+                leaves = [None if v is None else v.detach().requires_grad_()
+                          for v in (a, b, *cols)]
+                samples.append((ops.contrastive_forward.default, (*leaves, offset, int_mode)))
+                _, lse = ops.contrastive_forward(a, b, *cols, offset, int_mode)
+                samples.append((ops.contrastive_backward.default,
+                                (t(2, dtype=dtype), a, b, *cols, lse, offset, int_mode)))
+    return samples
+
+
+def test_opcheck_every_op():
+    samples = _op_samples()
+    assert {op.name() for op, _ in samples} == {f"icl_msr::{n}" for n in (
+        "attention_forward", "attention_backward", "contrastive_forward", "contrastive_backward")}
+    for op, args in samples:
+        torch.library.opcheck(op, args)
+
+
+def test_torch_compile_fullgraph():
+    inputs = make_inputs(20, 8, 5, seed=10)
+
+    def step(z1, z2, prototypes, prior_logits, temperature):
+        return icl_msr_loss(z1, z2, prototypes, prior_logits, temperature=temperature,
+                            backend="cpp", return_parts=True)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    leaves = [inputs[n] for n in GRAD_NAMES]
+    ours = compiled(*leaves)
+    eager = step(*leaves)
+    for o, e in zip(ours, eager):
+        torch.testing.assert_close(o, e, rtol=1e-12, atol=0)
+    grads = torch.autograd.grad(ours[0], leaves)
+    eager_grads = torch.autograd.grad(eager[0], leaves)
+    for g, e in zip(grads, eager_grads):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+
+
+def _run_fresh(script: str) -> None:
+    """Runs `script` in a new interpreter (nothing loaded yet); it prints "ok" when it passes."""
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_first_call_inside_torch_compile():
+    # The backend is loaded by the first loss call, which torch.compile then traces.
+    _run_fresh("""
+        import torch
+        from icl_msr_kernels import icl_msr_loss
+        z1, z2 = torch.randn(8, 4, requires_grad=True), torch.randn(8, 4)
+        prototypes = torch.randn(3, 4, requires_grad=True)
+        step = torch.compile(lambda *t: icl_msr_loss(*t, backend="cpp"), fullgraph=True,
+                             backend="aot_eager")
+        step(z1, z2, prototypes).backward()
+        print("ok")
+    """)
+
+
+def test_status_says_why_when_the_extension_is_not_built():
+    # A fresh interpreter in which the built extension cannot be found.
+    _run_fresh("""
+        import importlib.util
+        find_spec = importlib.util.find_spec
+        importlib.util.find_spec = (
+            lambda name, *a: None if name == "icl_msr_kernels._C" else find_spec(name, *a))
+        import torch
+        import icl_msr_kernels as icl
+        reason = icl.backend_status()["cpp"]
+        assert reason is not None and "not built" in reason, reason
+        z = torch.randn(4, 3)
+        icl.icl_msr_loss(z, z.flip(0), torch.randn(2, 3))  # auto falls back to the reference
+        assert icl.backends.resolve_backend("auto", z.device).name == "reference"
+        print("ok")
+    """)

@@ -18,9 +18,12 @@ DTYPES: dict[str, torch.dtype] = {
     "float64": torch.float64,
 }
 
-# Tile products a fused forward+backward must do, each of (2N)^2 * D multiply-adds: forward
-# a·aᵀ and b·bᵀ; backward recomputes both and forms two gradient products (SPEC §3-4).
-PRODUCTS = {"fwd": 2, "bwd": 4, "fwdbwd": 6}
+# The GEMM floor: full (2N)^2 * D tile products a fused algorithm must do at the least. The
+# logits are symmetric in single-process mode, so each tile pair {i, j} is computed once:
+# forward a·aᵀ and b·bᵀ over half the tiles (1 product); backward recomputes them (1) and applies
+# the coefficients of G and Gᵀ to the two feature sets (2). A backend that sweeps every tile
+# (both triangles) does 6, so it can reach at most 4/6 of this floor (SPEC §3-4, PERF_NOTES).
+PRODUCTS = {"fwd": 1, "bwd": 3, "fwdbwd": 4}
 
 # Dense (2N)^2 buffers the eager reference holds at its peak in forward+backward: measured
 # ~6.1 on the CPU in float32 (~5.1 under torch.compile). Rounded up so a skip errs on the side

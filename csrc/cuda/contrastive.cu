@@ -1,0 +1,318 @@
+// Fused NT-Xent of both terms (SPEC steps 7-8, §3) on CUDA: icl_msr::contrastive_forward and
+// icl_msr::contrastive_backward. See tile_kernels.cuh for the tiling; no B x M matrix is ever
+// stored, the forward saves two log-sum-exps per row, and the backward recomputes the tiles.
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "cuda/ops_cuda.h"
+#include "cuda/tile_kernels.cuh"
+
+namespace icl_msr::cuda {
+namespace {
+
+// Logits of tile (row block row0, column tile col0) into sm.logits: [0] the base term a·a',
+// [1] the interventional term: a·a' + b·b' ("concat", continuing the same accumulator) or b·b'
+// ("add"). Features arrive pre-scaled by 1/sqrt(tau), so these are already R/tau.
+template <typename T>
+__device__ void contrastive_logits(const TileSmem<T>& sm, const T* a, const T* b, int64_t rows,
+                                   int64_t row0, const T* a_cols, const T* b_cols, int64_t cols,
+                                   int64_t col0, int64_t dim_a, int64_t dim_b, int64_t int_mode) {
+  using L = TileLayout<T>;
+  TileAcc<T> acc;
+  acc.zero();
+  tile_product(acc, sm, a, rows, row0, a_cols, cols, col0, dim_a);
+  acc.store(sm.logits[0], L::kLdTile);
+  if (int_mode == kIntNone) return;
+  if (int_mode == kIntAdd) acc.zero();
+  tile_product(acc, sm, b, rows, row0, b_cols, cols, col0, dim_b);
+  acc.store(sm.logits[1], L::kLdTile);
+}
+
+// Forward: CTA (row block, split) folds the column tiles of its split into each row's running
+// (max, sum) per term, skipping the self column, and records the positive's logit.
+// Writes part_max/part_sum (splits, 2, rows) and pos_logit (2, rows).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) contrastive_forward_kernel(
+    const T* __restrict__ a, const T* __restrict__ b, const T* __restrict__ a_cols,
+    const T* __restrict__ b_cols, int64_t rows, int64_t cols, int64_t dim_a, int64_t dim_b,
+    int64_t row_offset, int64_t int_mode, int64_t tiles_per_split, accum_t<T>* part_max,
+    accum_t<T>* part_sum, accum_t<T>* pos_logit) {
+  using A = accum_t<T>;
+  using L = TileLayout<T>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const TileSmem<T> sm(smem);
+  const int64_t row0 = int64_t(blockIdx.x) * kTile;
+  const int64_t split = blockIdx.y;
+  const int64_t first_tile = split * tiles_per_split;
+  const int64_t end_tile = std::min(ceil_div(cols, kTile), first_tile + tiles_per_split);
+  const int terms = int_mode == kIntNone ? 1 : 2;
+
+  const int p = tile_row();
+  const int64_t row = row0 + p;
+  const int64_t self = self_column(row, row_offset);
+  const int64_t positive = positive_column(row, rows, row_offset);
+  A run_max[2] = {neg_inf<A>(), neg_inf<A>()};
+  A run_sum[2] = {A(0), A(0)};
+
+  for (int64_t tile = first_tile; tile < end_tile; ++tile) {
+    const int64_t col0 = tile * kTile;
+    contrastive_logits(sm, a, b, rows, row0, a_cols, b_cols, cols, col0, dim_a, dim_b, int_mode);
+    __syncthreads();
+    if (row < rows) {
+      const auto candidate = [&](int q) { return col0 + q < cols && col0 + q != self; };
+#pragma unroll
+      for (int term = 0; term < 2; ++term) {
+        if (term >= terms) break;
+        const A* logit = sm.logits[term] + p * L::kLdTile;
+        fold_tile_row(run_max[term], run_sum[term], [&](int q) { return logit[q]; }, candidate);
+        const int64_t q = positive - col0;
+        if (q >= 0 && q < kTile && q % kLanesPerRow == tile_lane())
+          pos_logit[term * rows + row] = logit[q];
+      }
+    }
+    __syncthreads();  // the next tile overwrites the logits
+  }
+
+#pragma unroll
+  for (int term = 0; term < 2; ++term) {
+    merge_lanes(run_max[term], run_sum[term]);
+    if (term < terms && row < rows && tile_lane() == 0) {
+      part_max[(split * 2 + term) * rows + row] = run_max[term];
+      part_sum[(split * 2 + term) * rows + row] = run_sum[term];
+    }
+  }
+}
+
+// Merges the splits' partial (max, sum) of each row in split order: row_lse (2, rows) and the
+// row's loss term lse - positive logit (2, rows); both zero for the absent int term.
+template <typename A>
+__global__ void contrastive_finish_kernel(const A* part_max, const A* part_sum,
+                                          const A* pos_logit, int64_t rows, int64_t splits,
+                                          int terms, A* row_lse, A* row_loss) {
+  const int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (row >= rows) return;
+  for (int term = 0; term < 2; ++term) {
+    A lse = 0, loss = 0;
+    if (term < terms) {
+      A run_max = neg_inf<A>(), run_sum = 0;
+      for (int64_t s = 0; s < splits; ++s)
+        lse_merge(run_max, run_sum, part_max[(s * 2 + term) * rows + row],
+                  part_sum[(s * 2 + term) * rows + row]);
+      lse = lse_finish(run_max, run_sum);
+      loss = lse - pos_logit[term * rows + row];
+    }
+    row_lse[term * rows + row] = lse;
+    row_loss[term * rows + row] = loss;
+  }
+}
+
+// Who owns what in a backward sweep.
+enum class Sweep : int {
+  kSymmetric,  // columns are the rows: row block i owns grad rows i from G_ij + G_ji (SPEC §3)
+  kRowsOwned,  // rectangular, row-owned: grad of the local rows from G_ic over the columns
+  kColsOwned,  // rectangular, column-owned: grad of the columns from G_ic over the local rows
+};
+
+// Backward: CTA (owned block, split) recomputes the logit tiles of its split, turns them into
+// gradient coefficients (tile_math.h's ntxent_grad_coef, without the 1/rows factor, which the
+// host applies to the summed slabs so that float16 coefficients keep their precision) and
+// accumulates coef · swept features into its rows of slab_a / slab_b (splits, n_own, dim).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) contrastive_backward_kernel(
+    const T* __restrict__ own_a, const T* __restrict__ own_b, int64_t n_own,
+    const T* __restrict__ swept_a, const T* __restrict__ swept_b, int64_t n_swept, int64_t dim_a,
+    int64_t dim_b, int64_t rows, int64_t row_offset, int64_t int_mode, Sweep sweep,
+    const accum_t<T>* __restrict__ row_lse, const accum_t<T>* __restrict__ grad_losses,
+    int64_t tiles_per_split, accum_t<T>* slab_a, accum_t<T>* slab_b) {
+  using A = accum_t<T>;
+  using L = TileLayout<T>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const TileSmem<T> sm(smem);
+  const int64_t own0 = int64_t(blockIdx.x) * kTile;
+  const int64_t split = blockIdx.y;
+  const int64_t first_tile = split * tiles_per_split;
+  const int64_t end_tile = std::min(ceil_div(n_swept, kTile), first_tile + tiles_per_split);
+  const int terms = int_mode == kIntNone ? 1 : 2;
+  // Whose softmax a coefficient needs: the owned entity's when it is an anchor row, the swept
+  // one's (staged per tile in sm.stats) when that is; the symmetric sweep needs both.
+  const bool rows_owned = sweep != Sweep::kColsOwned;
+  const bool rows_swept = sweep != Sweep::kRowsOwned;
+  slab_a += split * n_own * dim_a;
+  slab_b += split * n_own * dim_b;
+
+  const int p = tile_row();
+  const int64_t own = own0 + p;
+  A own_lse[2] = {A(0), A(0)};
+#pragma unroll
+  for (int term = 0; term < 2; ++term)
+    if (rows_owned && own < n_own && term < terms) own_lse[term] = row_lse[term * rows + own];
+  const A grad[2] = {grad_losses[0], int_mode == kIntNone ? A(0) : grad_losses[1]};
+
+  for (int64_t tile = first_tile; tile < end_tile; ++tile) {
+    const int64_t swept0 = tile * kTile;
+    if (rows_swept)
+      for (int i = threadIdx.x; i < 2 * kTile; i += kThreads) {
+        const int term = i / kTile;
+        const int64_t swept = swept0 + i % kTile;
+        sm.stats[i] = term < terms && swept < n_swept ? row_lse[term * rows + swept] : A(0);
+      }
+    contrastive_logits(sm, own_a, own_b, n_own, own0, swept_a, swept_b, n_swept, swept0, dim_a,
+                       dim_b, int_mode);
+    __syncthreads();
+
+#pragma unroll 4
+    for (int m = 0; m < kColsPerLane; ++m) {
+      const int q = tile_col(m);
+      const int64_t swept = swept0 + q;
+      A coef[2] = {A(0), A(0)};
+      if (own < n_own && swept < n_swept) {
+        const int64_t row = rows_owned ? own : swept;  // local anchor row of the pair
+        const int64_t col = rows_owned ? swept : own;  // its global column
+        if (col != self_column(row, row_offset)) {
+          const bool positive = col == positive_column(row, rows, row_offset);
+#pragma unroll
+          for (int term = 0; term < 2; ++term) {
+            if (term >= terms) break;
+            const A logit = sm.logits[term][p * L::kLdTile + q];
+            const A swept_lse = sm.stats[term * kTile + q];
+            A c = ntxent_grad_coef(logit, rows_owned ? own_lse[term] : swept_lse, positive, A(1));
+            // G_ji of the transposed pair: column j's own softmax of the same (symmetric) logit;
+            // j is i's positive exactly when i is j's.
+            if (sweep == Sweep::kSymmetric) c += ntxent_grad_coef(logit, swept_lse, positive, A(1));
+            coef[term] = grad[term] * c;
+          }
+        }
+      }
+      // a enters the base logits and, with "concat", the interventional ones; b only the latter.
+      // (In place over the logits when T is the accumulation type: same element, read first.)
+      sm.coef[0][p * L::kLdCoef + q] =
+          static_cast<T>(int_mode == kIntConcat ? coef[0] + coef[1] : coef[0]);
+      sm.coef[1][p * L::kLdCoef + q] = static_cast<T>(coef[1]);
+    }
+
+    tile_accumulate(sm, slab_a, n_own, own0, dim_a, n_swept, swept0, sm.coef[0], swept_a);
+    if (int_mode != kIntNone)
+      tile_accumulate(sm, slab_b, n_own, own0, dim_b, n_swept, swept0, sm.coef[1], swept_b);
+    __syncthreads();  // the next tile overwrites the statistics, logits and coefficients
+  }
+}
+
+const void* data_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+
+template <typename T>
+const T* ptr(const at::Tensor& t) {
+  return static_cast<const T*>(data_or_null(t));
+}
+
+// One backward sweep: the gradients of the owned entities' a and b features, summed over the
+// splits and scaled by 1/rows, in the features' dtype (b's undefined when int_mode is 0).
+std::pair<at::Tensor, at::Tensor> backward_sweep(Sweep sweep, const at::Tensor& own_a,
+                                                 const at::Tensor& own_b,
+                                                 const at::Tensor& swept_a,
+                                                 const at::Tensor& swept_b,
+                                                 const ContrastiveInputs& in, int64_t row_offset,
+                                                 int64_t int_mode, const at::Tensor& row_lse,
+                                                 const at::Tensor& grad_losses) {
+  const int64_t n_own = own_a.size(0), n_swept = swept_a.size(0);
+  const int64_t owned_blocks = ceil_div(n_own, kTile);
+  const SweepSplit split = split_sweep(owned_blocks, ceil_div(n_swept, kTile), n_own);
+  const auto acc_options = own_a.options().dtype(accum_dtype(own_a.scalar_type()));
+  at::Tensor slab_a = at::zeros({split.splits, n_own, in.dim_a}, acc_options);
+  at::Tensor slab_b = at::zeros({split.splits, n_own, in.dim_b}, acc_options);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, own_a.scalar_type(), "icl_msr contrastive_backward (CUDA)", [&] {
+        using A = accum_t<scalar_t>;
+        auto* kernel = contrastive_backward_kernel<scalar_t>;
+        constexpr size_t smem = TileLayout<scalar_t>::kBytes;
+        allow_shared_memory(kernel, smem);
+        kernel<<<dim3(owned_blocks, split.splits), kThreads, smem,
+                 c10::cuda::getCurrentCUDAStream()>>>(
+            ptr<scalar_t>(own_a), ptr<scalar_t>(own_b), n_own, ptr<scalar_t>(swept_a),
+            ptr<scalar_t>(swept_b), n_swept, in.dim_a, in.dim_b, in.rows, row_offset, int_mode,
+            sweep, row_lse.data_ptr<A>(), grad_losses.data_ptr<A>(), split.tiles_per_split,
+            slab_a.data_ptr<A>(), slab_b.data_ptr<A>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+  const double scale = 1.0 / static_cast<double>(in.rows);
+  at::Tensor grad_a = slab_a.sum(0).mul_(scale).to(own_a.scalar_type());
+  at::Tensor grad_b;
+  if (int_mode != kIntNone) grad_b = slab_b.sum(0).mul_(scale).to(own_a.scalar_type());
+  return {grad_a, grad_b};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> contrastive_forward(const at::Tensor& a_in,
+                                                       const std::optional<at::Tensor>& b_in,
+                                                       const std::optional<at::Tensor>& a_cols_in,
+                                                       const std::optional<at::Tensor>& b_cols_in,
+                                                       int64_t row_offset, int64_t int_mode) {
+  const ContrastiveInputs in = check_contrastive(a_in, b_in, a_cols_in, b_cols_in, row_offset,
+                                                 int_mode);
+  const c10::cuda::CUDAGuard guard(in.a.device());
+  const at::Tensor& a_cols = in.has_cols ? in.a_cols : in.a;
+  const at::Tensor& b_cols = in.has_cols ? in.b_cols : in.b;
+  const int64_t row_blocks = ceil_div(in.rows, kTile);
+  const SweepSplit split = split_sweep(row_blocks, ceil_div(in.cols, kTile), in.rows);
+  const auto acc_options = in.a.options().dtype(accum_dtype(in.a.scalar_type()));
+  at::Tensor part_max = at::empty({split.splits, 2, in.rows}, acc_options);
+  at::Tensor part_sum = at::empty({split.splits, 2, in.rows}, acc_options);
+  at::Tensor pos_logit = at::zeros({2, in.rows}, acc_options);
+  at::Tensor row_lse = at::empty({2, in.rows}, acc_options);
+  at::Tensor row_loss = at::empty({2, in.rows}, acc_options);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, in.a.scalar_type(), "icl_msr contrastive_forward (CUDA)", [&] {
+        using A = accum_t<scalar_t>;
+        auto* kernel = contrastive_forward_kernel<scalar_t>;
+        constexpr size_t smem = TileLayout<scalar_t>::kSweepBytes;
+        allow_shared_memory(kernel, smem);
+        kernel<<<dim3(row_blocks, split.splits), kThreads, smem, stream>>>(
+            ptr<scalar_t>(in.a), ptr<scalar_t>(in.b), ptr<scalar_t>(a_cols),
+            ptr<scalar_t>(b_cols), in.rows, in.cols, in.dim_a, in.dim_b, row_offset, int_mode,
+            split.tiles_per_split, part_max.data_ptr<A>(), part_sum.data_ptr<A>(),
+            pos_logit.data_ptr<A>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        contrastive_finish_kernel<A><<<dim3(ceil_div(in.rows, kThreads)), kThreads, 0, stream>>>(
+            part_max.data_ptr<A>(), part_sum.data_ptr<A>(), pos_logit.data_ptr<A>(), in.rows,
+            split.splits, int_mode == kIntNone ? 1 : 2, row_lse.data_ptr<A>(),
+            row_loss.data_ptr<A>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+  // Mean over the rows; torch's reduction is deterministic (no atomics).
+  at::Tensor losses = row_loss.sum(1).div_(static_cast<double>(in.rows));
+  return {losses, row_lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_backward(
+    const at::Tensor& grad_losses_in, const at::Tensor& a_in, const std::optional<at::Tensor>& b_in,
+    const std::optional<at::Tensor>& a_cols_in, const std::optional<at::Tensor>& b_cols_in,
+    const at::Tensor& row_lse_in, int64_t row_offset, int64_t int_mode) {
+  const ContrastiveInputs in = check_contrastive(a_in, b_in, a_cols_in, b_cols_in, row_offset,
+                                                 int_mode);
+  check_contrastive_backward_args(grad_losses_in, row_lse_in, a_in);
+  const c10::cuda::CUDAGuard guard(in.a.device());
+  const auto acc = accum_dtype(in.a.scalar_type());
+  const at::Tensor grad_losses = grad_losses_in.to(acc).contiguous();
+  const at::Tensor row_lse = row_lse_in.to(acc).contiguous();
+
+  // A tensor that was None gets an empty gradient; a b that int_mode 0 does not read, zeros.
+  const auto none = [&] { return at::empty({0}, in.a.options()); };
+  at::Tensor grad_a, grad_b, grad_a_cols = none(), grad_b_cols = none();
+  if (!in.has_cols) {
+    std::tie(grad_a, grad_b) = backward_sweep(Sweep::kSymmetric, in.a, in.b, in.a, in.b, in,
+                                              row_offset, int_mode, row_lse, grad_losses);
+  } else {
+    std::tie(grad_a, grad_b) = backward_sweep(Sweep::kRowsOwned, in.a, in.b, in.a_cols, in.b_cols,
+                                              in, row_offset, int_mode, row_lse, grad_losses);
+    std::tie(grad_a_cols, grad_b_cols) =
+        backward_sweep(Sweep::kColsOwned, in.a_cols, in.b_cols, in.a, in.b, in, row_offset,
+                       int_mode, row_lse, grad_losses);
+  }
+  if (!grad_b.defined()) grad_b = b_in.has_value() ? at::zeros_like(*b_in) : none();
+  if (!grad_b_cols.defined())
+    grad_b_cols = b_cols_in.has_value() ? at::zeros_like(*b_cols_in) : none();
+  return {grad_a, grad_b, grad_a_cols, grad_b_cols};
+}
+
+}  // namespace icl_msr::cuda

@@ -1,0 +1,80 @@
+// The CUDA kernels of the icl_msr ops (schemas in csrc/ops.cpp), registered in register.cu, and
+// their inputs checked (by the checks shared with the CPU kernels, csrc/checks.h) and made
+// contiguous at entry.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "checks.h"
+
+#include <cmath>
+#include <optional>
+#include <tuple>
+
+namespace icl_msr::cuda {
+
+std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& x,
+                                                     const at::Tensor& prototypes,
+                                                     const at::Tensor& log_prior,
+                                                     double inv_attn_temperature,
+                                                     int64_t prior_mode);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
+    const at::Tensor& grad_c, const at::Tensor& x, const at::Tensor& prototypes,
+    const at::Tensor& log_prior, const at::Tensor& c, const at::Tensor& row_lse,
+    double inv_attn_temperature, int64_t prior_mode);
+
+std::tuple<at::Tensor, at::Tensor> contrastive_forward(const at::Tensor& a,
+                                                       const std::optional<at::Tensor>& b,
+                                                       const std::optional<at::Tensor>& a_cols,
+                                                       const std::optional<at::Tensor>& b_cols,
+                                                       int64_t row_offset, int64_t int_mode);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_backward(
+    const at::Tensor& grad_losses, const at::Tensor& a, const std::optional<at::Tensor>& b,
+    const std::optional<at::Tensor>& a_cols, const std::optional<at::Tensor>& b_cols,
+    const at::Tensor& row_lse, int64_t row_offset, int64_t int_mode);
+
+// The tensors of the attention ops, checked and made contiguous.
+struct AttentionInputs {
+  at::Tensor x, prototypes, log_prior;
+  int64_t rows, num_prototypes, dim;
+};
+
+inline AttentionInputs check_attention(const at::Tensor& x, const at::Tensor& prototypes,
+                                       const at::Tensor& log_prior, double inv_attn_temperature,
+                                       int64_t prior_mode) {
+  TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor for the CUDA kernels, got one on ", x.device());
+  check_attention_args(x, prototypes, log_prior, inv_attn_temperature, prior_mode);
+  return {x.contiguous(), prototypes.contiguous(), log_prior.contiguous(), x.size(0),
+          prototypes.size(0), x.size(1)};
+}
+
+// The tensors of the contrastive ops, checked and made contiguous; b and the columns are
+// undefined tensors when absent (b also when int_mode is 0, which does not read it).
+struct ContrastiveInputs {
+  at::Tensor a, b, a_cols, b_cols;
+  int64_t rows, cols, dim_a, dim_b;
+  bool has_cols;
+};
+
+inline ContrastiveInputs check_contrastive(const at::Tensor& a, const std::optional<at::Tensor>& b,
+                                           const std::optional<at::Tensor>& a_cols,
+                                           const std::optional<at::Tensor>& b_cols,
+                                           int64_t row_offset, int64_t int_mode) {
+  TORCH_CHECK(a.is_cuda(), "a must be a CUDA tensor for the CUDA kernels, got one on ", a.device());
+  const ContrastiveShape shape = check_contrastive_args(a, b, a_cols, b_cols, row_offset, int_mode);
+  ContrastiveInputs in{a.contiguous(), {}, {}, {}, shape.rows, shape.cols, a.size(1), 0,
+                       !shape.square};
+  if (shape.uses_b) {
+    in.b = b->contiguous();
+    in.dim_b = b->size(1);
+  }
+  if (!shape.square) {
+    in.a_cols = a_cols->contiguous();
+    if (shape.uses_b) in.b_cols = b_cols->contiguous();
+  }
+  return in;
+}
+
+}  // namespace icl_msr::cuda

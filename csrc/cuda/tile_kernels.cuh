@@ -1,0 +1,389 @@
+// Building blocks shared by the icl_msr CUDA kernels (attention.cu, contrastive.cu).
+//
+// Every kernel has the same shape, the flash-attention one: a CTA of kThreads threads owns a
+// block of kTile "owned" entities (anchor rows; columns or prototypes in the column-owned
+// backward sweeps) and sweeps tiles of kTile "swept" entities. Per tile it
+//   1. computes one or two kTile x kTile products (logits, scores) into shared memory, staging
+//      the operands kChunk features at a time (tile_product);
+//   2. runs an elementwise phase on them, four threads per tile row (online log-sum-exp in the
+//      forward passes; gradient coefficients from tile_math.h in the backward passes);
+//   3. in the passes that produce (B, D)-shaped results, multiplies the coefficient tile by the
+//      swept entities' features and adds that to the owned rows of a float "slab" in global
+//      memory (tile_accumulate). The CTA owns those slab rows, so no atomics are needed; when the
+//      sweep is split over several CTAs (split_sweep), each split has its own slab and the slabs
+//      are summed in a fixed order afterwards. Results are therefore bit-identical run to run.
+//
+// Products use tensor cores (WMMA, float32 accumulation) for float16/bfloat16 and plain FMA for
+// float32/float64, whose tolerances (SPEC §5) TF32 would not meet.
+#pragma once
+
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include "tile_math.h"
+
+namespace icl_msr::cuda {
+
+constexpr int kThreads = 256;                         // 8 warps per CTA
+constexpr int kTile = 64;                             // owned and swept entities per tile
+constexpr int kChunk = 32;                            // features staged per step of a product
+constexpr int kLanesPerRow = kThreads / kTile;        // threads sharing a tile row (elementwise)
+constexpr int kColsPerLane = kTile / kLanesPerRow;
+static_assert(kLanesPerRow == 4, "merge_lanes / sum_lanes assume 4 lanes per row");
+
+// Accumulation type: float64 for float64 inputs, else float32 (SPEC §4).
+template <typename T> struct Accum { using type = float; };
+template <> struct Accum<double> { using type = double; };
+template <typename T> using accum_t = typename Accum<T>::type;
+
+__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ---------------------------------------------------------------------------------------------
+// Shared memory. One layout per scalar type, carved out of the dynamic shared memory:
+//   stats    [kStats][kTile] accum    per-swept-entity statistics of the tile (lse, delta, prior)
+//   operands 2 x [kTile][kLdChunk] T  feature chunks of the rows and columns of a product;
+//            [kTile][kLdValue] T      in step 3, the swept features (aliases the chunks)
+//   logits   2 x [kTile][kLdTile] accum  the product tiles
+//   coef     2 x [kTile][kLdCoef] T   coefficient tiles, the left operand of step 3: stored in T
+//            for the tensor cores, or written over the logits when T is the accumulation type
+//   stage    [kTile][kLdTile] accum   the slab rows being accumulated in step 3
+template <typename T>
+struct TileLayout {
+  using A = accum_t<T>;
+  // 16-bit types pad rows by 16 bytes: every 16x16 WMMA fragment stays 32-byte aligned and rows
+  // start in different banks; wider types pad by one element against bank conflicts of the FMA
+  // path.
+  static constexpr int kPad = sizeof(T) == 2 ? 8 : 1;
+  static constexpr int kLdChunk = kChunk + kPad;
+  static constexpr int kLdValue = kTile + kPad;
+  // float tiles: a multiple of 4 floats, as WMMA accumulator loads and stores require.
+  static constexpr int kLdTile = kTile + (sizeof(A) == 4 ? 4 : 1);
+  static constexpr bool kCoefInPlace = std::is_same_v<T, A>;
+  static constexpr int kLdCoef = kCoefInPlace ? kLdTile : kTile + kPad;
+  static constexpr int kStats = 3;
+
+  static constexpr size_t aligned(size_t bytes) { return (bytes + 127) / 128 * 128; }
+  static constexpr size_t kOperandOffset = aligned(kStats * kTile * sizeof(A));
+  static constexpr size_t kLogitOffset =
+      kOperandOffset +
+      aligned(std::max(2 * kTile * kLdChunk, kTile * kLdValue) * sizeof(T));
+  static constexpr size_t kCoefOffset = kLogitOffset + aligned(2 * kTile * kLdTile * sizeof(A));
+  static constexpr size_t kStageOffset =
+      kCoefOffset + (kCoefInPlace ? 0 : aligned(2 * kTile * kLdCoef * sizeof(T)));
+  // Bytes for kernels with steps 1-2 only (the contrastive forward), and with all three.
+  static constexpr size_t kSweepBytes = kCoefOffset;
+  static constexpr size_t kBytes = kStageOffset + aligned(kTile * kLdTile * sizeof(A));
+};
+
+template <typename T>
+struct TileSmem {
+  using L = TileLayout<T>;
+  using A = accum_t<T>;
+  A* stats;
+  T* chunk_rows;
+  T* chunk_cols;
+  T* values;
+  A* logits[2];
+  T* coef[2];
+  A* stage;
+
+  __device__ explicit TileSmem(unsigned char* base)
+      : stats(reinterpret_cast<A*>(base)),
+        chunk_rows(reinterpret_cast<T*>(base + L::kOperandOffset)),
+        chunk_cols(chunk_rows + kTile * L::kLdChunk),
+        values(chunk_rows),
+        stage(reinterpret_cast<A*>(base + L::kStageOffset)) {
+    for (int i = 0; i < 2; ++i) {
+      logits[i] = reinterpret_cast<A*>(base + L::kLogitOffset) + i * kTile * L::kLdTile;
+      coef[i] = L::kCoefInPlace
+                    ? reinterpret_cast<T*>(logits[i])
+                    : reinterpret_cast<T*>(base + L::kCoefOffset) + i * kTile * L::kLdCoef;
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// kTile x kTile accumulators of a block-wide product, held in registers across the feature loop.
+// Both implementations offer zero(), mma<kBTransposed> (this += A B over kk, A(i, k) = a[i*lda+k];
+// B(k, j) = b[j*ldb+k] when kBTransposed, the rows x columns logit products, else b[k*ldb+j], the
+// coefficient x features products) and load/store from a float tile. Each thread (warp) loads and
+// stores only the elements it accumulates.
+
+// FMA path (float32, float64; 16-bit types below sm_80): thread (ty, tx) = (tid / 16, tid % 16)
+// owns rows ty + 16 i and columns tx + 16 j, i, j < 4, so a warp reads consecutive columns.
+template <typename T>
+struct FmaTile {
+  using A = accum_t<T>;
+  A v[4][4];
+
+  __device__ void zero() {
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) v[i][j] = A(0);
+  }
+
+  template <bool kBTransposed>
+  __device__ void mma(const T* a, int lda, const T* b, int ldb, int kk) {
+    const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+    for (int k = 0; k < kk; ++k) {
+      A av[4], bv[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) av[i] = static_cast<A>(a[(ty + 16 * i) * lda + k]);
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+        bv[j] = static_cast<A>(kBTransposed ? b[(tx + 16 * j) * ldb + k]
+                                            : b[k * ldb + tx + 16 * j]);
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) v[i][j] += av[i] * bv[j];
+    }
+  }
+
+  __device__ void load(const A* s, int lds) {
+    const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) v[i][j] = s[(ty + 16 * i) * lds + tx + 16 * j];
+  }
+  __device__ void store(A* s, int lds) const {
+    const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) s[(ty + 16 * i) * lds + tx + 16 * j] = v[i][j];
+  }
+};
+
+namespace wmma = nvcuda::wmma;
+
+template <typename T> struct WmmaElement;
+template <> struct WmmaElement<c10::Half> { using type = __half; };
+template <> struct WmmaElement<c10::BFloat16> { using type = __nv_bfloat16; };
+
+// Tensor-core path (float16, bfloat16 from sm_80): 16x16x16 WMMA fragments, float accumulators.
+// Warp w owns fragment row w / 2 and fragment columns 2 (w % 2) and 2 (w % 2) + 1.
+template <typename T>
+struct WmmaTile {
+  using E = typename WmmaElement<T>::type;  // c10::Half / BFloat16 share __half's bit layout
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> frag[2];
+
+  __device__ static int row0() { return 16 * (threadIdx.x / 32 / 2); }
+  __device__ static int col0(int f) { return 16 * (2 * (threadIdx.x / 32 % 2) + f); }
+
+  __device__ void zero() {
+#pragma unroll
+    for (int f = 0; f < 2; ++f) wmma::fill_fragment(frag[f], 0.0f);
+  }
+
+  template <bool kBTransposed>
+  __device__ void mma(const T* a_tile, int lda, const T* b_tile, int ldb, int kk) {
+    const E* a = reinterpret_cast<const E*>(a_tile);
+    const E* b = reinterpret_cast<const E*>(b_tile);
+    using BLayout = std::conditional_t<kBTransposed, wmma::col_major, wmma::row_major>;
+    for (int k = 0; k < kk; k += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, E, wmma::row_major> fa;
+      wmma::load_matrix_sync(fa, a + row0() * lda + k, lda);
+#pragma unroll
+      for (int f = 0; f < 2; ++f) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, E, BLayout> fb;
+        const E* b_frag = kBTransposed ? b + col0(f) * ldb + k : b + k * ldb + col0(f);
+        wmma::load_matrix_sync(fb, b_frag, ldb);
+        wmma::mma_sync(frag[f], fa, fb, frag[f]);
+      }
+    }
+  }
+
+  __device__ void load(const float* s, int lds) {
+#pragma unroll
+    for (int f = 0; f < 2; ++f)
+      wmma::load_matrix_sync(frag[f], s + row0() * lds + col0(f), lds, wmma::mem_row_major);
+  }
+  __device__ void store(float* s, int lds) const {
+#pragma unroll
+    for (int f = 0; f < 2; ++f)
+      wmma::store_matrix_sync(s + row0() * lds + col0(f), frag[f], lds, wmma::mem_row_major);
+  }
+};
+
+// bfloat16 WMMA needs sm_80; older targets in TORCH_CUDA_ARCH_LIST fall back to FMA. The shared
+// memory layout does not depend on this choice, so host and device agree on its size.
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+constexpr bool kTensorCoreArch = true;
+#else
+constexpr bool kTensorCoreArch = false;
+#endif
+template <typename T>
+using TileAcc = std::conditional_t<sizeof(T) == 2 && kTensorCoreArch, WmmaTile<T>, FmaTile<T>>;
+
+// ---------------------------------------------------------------------------------------------
+// Global <-> shared staging.
+
+// dst[i * ld + j] = src[(row0 + i) * src_cols + col0 + j] over a tile_rows x tile_cols tile,
+// zero where that falls outside the src_rows x src_cols matrix (so padded rows, columns and
+// features add nothing to the products).
+template <typename T>
+__device__ void load_tile(T* dst, int ld, const T* src, int64_t src_rows, int64_t src_cols,
+                          int64_t row0, int64_t col0, int tile_rows, int tile_cols) {
+  for (int idx = threadIdx.x; idx < tile_rows * tile_cols; idx += kThreads) {
+    const int i = idx / tile_cols, j = idx % tile_cols;
+    const int64_t r = row0 + i, c = col0 + j;
+    dst[i * ld + j] = (r < src_rows && c < src_cols) ? src[r * src_cols + c] : static_cast<T>(0.0f);
+  }
+}
+
+// The inverse of load_tile for the part of the tile inside the matrix.
+template <typename T>
+__device__ void store_tile(T* dst, int64_t dst_rows, int64_t dst_cols, int64_t row0, int64_t col0,
+                           const T* src, int ld, int tile_rows, int tile_cols) {
+  for (int idx = threadIdx.x; idx < tile_rows * tile_cols; idx += kThreads) {
+    const int i = idx / tile_cols, j = idx % tile_cols;
+    const int64_t r = row0 + i, c = col0 + j;
+    if (r < dst_rows && c < dst_cols) dst[r * dst_cols + c] = src[i * ld + j];
+  }
+}
+
+// Step 1: acc += rows[row0 : row0 + kTile] · cols[col0 : col0 + kTile]ᵀ over `dim` features.
+template <typename T>
+__device__ void tile_product(TileAcc<T>& acc, const TileSmem<T>& sm, const T* rows,
+                             int64_t n_rows, int64_t row0, const T* cols, int64_t n_cols,
+                             int64_t col0, int64_t dim) {
+  using L = TileLayout<T>;
+  for (int64_t k0 = 0; k0 < dim; k0 += kChunk) {
+    load_tile(sm.chunk_rows, L::kLdChunk, rows, n_rows, dim, row0, k0, kTile, kChunk);
+    load_tile(sm.chunk_cols, L::kLdChunk, cols, n_cols, dim, col0, k0, kTile, kChunk);
+    __syncthreads();
+    acc.template mma</*kBTransposed=*/true>(sm.chunk_rows, L::kLdChunk, sm.chunk_cols,
+                                            L::kLdChunk, kChunk);
+    __syncthreads();
+  }
+}
+
+// Step 3: slab[own0 : own0 + kTile, :] += coef0 · value0[swept0 : swept0 + kTile, :]
+//                                         (+ coef1 · value1[...] when value1 is given),
+// over the `dim` feature columns, kTile at a time. coef0/coef1 are kTile x kTile tiles in shared
+// memory (owned x swept, leading dimension kLdCoef) written by the elementwise phase; this call
+// begins with a barrier that publishes them.
+template <typename T>
+__device__ void tile_accumulate(const TileSmem<T>& sm, accum_t<T>* slab, int64_t n_own,
+                                int64_t own0, int64_t dim, int64_t n_swept, int64_t swept0,
+                                const T* coef0, const T* value0, const T* coef1 = nullptr,
+                                const T* value1 = nullptr) {
+  using L = TileLayout<T>;
+  for (int64_t d0 = 0; d0 < dim; d0 += kTile) {
+    load_tile(sm.stage, L::kLdTile, slab, n_own, dim, own0, d0, kTile, kTile);
+    load_tile(sm.values, L::kLdValue, value0, n_swept, dim, swept0, d0, kTile, kTile);
+    __syncthreads();
+    TileAcc<T> acc;
+    acc.load(sm.stage, L::kLdTile);
+    acc.template mma<false>(coef0, L::kLdCoef, sm.values, L::kLdValue, kTile);
+    if (value1 != nullptr) {
+      __syncthreads();
+      load_tile(sm.values, L::kLdValue, value1, n_swept, dim, swept0, d0, kTile, kTile);
+      __syncthreads();
+      acc.template mma<false>(coef1, L::kLdCoef, sm.values, L::kLdValue, kTile);
+    }
+    acc.store(sm.stage, L::kLdTile);
+    __syncthreads();
+    store_tile(slab, n_own, dim, own0, d0, sm.stage, L::kLdTile, kTile, kTile);
+    __syncthreads();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Elementwise phase: thread t handles tile row t / kLanesPerRow and, of its columns, those
+// congruent to its lane modulo kLanesPerRow, so that a warp's reads hit distinct banks.
+__device__ inline int tile_row() { return threadIdx.x / kLanesPerRow; }
+__device__ inline int tile_lane() { return threadIdx.x % kLanesPerRow; }
+__device__ inline int tile_col(int m) { return tile_lane() + kLanesPerRow * m; }
+
+// max that keeps a NaN once seen, so that NaN inputs give NaN losses as in the reference.
+template <typename A>
+__device__ A nan_max(A m, A v) {
+  return (v > m || v != v) ? v : m;
+}
+
+// Folds this thread's share of a tile row, score(q) over the columns q where valid(q), into its
+// running (max, sum) with one max and one exp per element and a single lse_merge per tile.
+template <typename A, typename Score, typename Valid>
+__device__ void fold_tile_row(A& run_max, A& run_sum, Score score, Valid valid) {
+  A tile_max = neg_inf<A>();
+#pragma unroll
+  for (int m = 0; m < kColsPerLane; ++m)
+    if (valid(tile_col(m))) tile_max = nan_max(tile_max, score(tile_col(m)));
+  if (tile_max == neg_inf<A>()) return;
+  A tile_sum = 0;
+#pragma unroll
+  for (int m = 0; m < kColsPerLane; ++m)
+    if (valid(tile_col(m))) tile_sum += fast_exp(score(tile_col(m)) - tile_max);
+  lse_merge(run_max, run_sum, tile_max, tile_sum);
+}
+
+// Combine the running (max, sum) of the lanes of a tile row. Merging is symmetric, so every lane
+// ends with the same bits; the butterfly order is fixed, so results are deterministic.
+template <typename A>
+__device__ void merge_lanes(A& run_max, A& run_sum) {
+#pragma unroll
+  for (int offset = 1; offset < kLanesPerRow; offset *= 2) {
+    const A other_max = __shfl_xor_sync(0xffffffffu, run_max, offset);
+    const A other_sum = __shfl_xor_sync(0xffffffffu, run_sum, offset);
+    lse_merge(run_max, run_sum, other_max, other_sum);
+  }
+}
+
+template <typename A>
+__device__ A sum_lanes(A value) {
+#pragma unroll
+  for (int offset = 1; offset < kLanesPerRow; offset *= 2)
+    value += __shfl_xor_sync(0xffffffffu, value, offset);
+  return value;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side.
+
+// How many CTAs share one owned block's sweep (each with its own slab, summed afterwards).
+// Splitting keeps the GPU busy when there are few owned blocks (small batches, few prototypes).
+// The rule depends only on the problem size, never on the device, so a given input always takes
+// the same path; it is capped so that the slabs hold at most kMaxSlabRows rows beyond one.
+struct SweepSplit {
+  int64_t splits;
+  int64_t tiles_per_split;
+};
+inline SweepSplit split_sweep(int64_t owned_blocks, int64_t swept_tiles, int64_t n_own) {
+  constexpr int64_t kTargetCtas = 256;  // about two waves on an H100/H200 (132 SMs)
+  constexpr int64_t kMaxSlabRows = 16384;
+  int64_t splits = ceil_div(kTargetCtas, std::max<int64_t>(owned_blocks, 1));
+  splits = std::min(splits, std::max<int64_t>(1, kMaxSlabRows / std::max<int64_t>(n_own, 1)));
+  splits = std::max<int64_t>(1, std::min(splits, swept_tiles));
+  const int64_t per_split = ceil_div(std::max<int64_t>(swept_tiles, 1), splits);
+  return {ceil_div(std::max<int64_t>(swept_tiles, 1), per_split), per_split};
+}
+
+// Lets `kernel` use `bytes` of dynamic shared memory (above the default 48 KiB), with a clear
+// error on a GPU that has less.
+// (Plain runtime calls: ATen/cuda/CUDAContext.h would pull in cuSPARSE/cuBLAS headers, which a
+// bare CUDA toolkit may lack.)
+template <typename Kernel>
+void allow_shared_memory(Kernel* kernel, size_t bytes) {
+  int device = 0, limit = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  TORCH_CHECK(bytes <= static_cast<size_t>(limit), "icl_msr CUDA kernels need ", bytes,
+              " bytes of shared memory per block; this GPU allows ", limit);
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(bytes)));
+}
+
+}  // namespace icl_msr::cuda

@@ -1,0 +1,271 @@
+"""Backend "cuda" (issue 5): the CUDA C++ kernels of the icl_msr ops (csrc/cuda).
+
+Two groups:
+
+- a build check that needs no GPU: every icl_msr op with a CPU kernel also has a CUDA kernel in
+  the built extension (skipped, with the reason, when the extension was built without CUDA);
+- CUDA tests (`cuda`): the kernels against the reference in float64, float32, float16 and
+  bfloat16, through the public API and op by op (including the rectangular rows x columns path
+  of distributed negatives), odd sizes, bit-identical repeats, opcheck and the argument errors.
+  Skipped, with the reason, where no GPU is present.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from helpers import PAIRS, assert_matches_reference, cast, loss_and_grads, make_inputs
+from icl_msr_kernels import ntxent_loss
+from icl_msr_kernels.reference import contrastive_losses, prototype_attention, rownorm
+
+HAS_CUDA = torch.cuda.is_available()
+INT_MODES = {"none": 0, "concat": 1, "add": 2}
+PRIOR_MODES = {"logit": 0, "mult": 1}
+
+
+def cuda(test):
+    """Mark a CUDA test; without a GPU it is skipped and says why."""
+    skip = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (torch.cuda.is_available() "
+                                                   "is False)")
+    return pytest.mark.cuda(skip(test))
+
+
+def _load_extension() -> str:
+    """Loads the extension the package ships (icl_msr_kernels._C) into torch.ops; its path."""
+    try:  # the package's own loader first, so that this is the library it uses
+        from icl_msr_kernels.kernels import extension
+        extension.load("cpu")
+    except Exception:  # noqa: BLE001 - unavailable backends are reported below
+        pass
+    spec = importlib.util.find_spec("icl_msr_kernels._C")
+    if spec is None or spec.origin is None:
+        pytest.skip("the icl_msr_kernels._C extension is not built (pip install -e .)")
+    torch.ops.load_library(spec.origin)  # a no-op when it is loaded already
+    return spec.origin
+
+
+def _icl_msr_ops() -> list[str]:
+    return sorted(name for name in torch._C._dispatch_get_all_op_names()
+                  if name.startswith("icl_msr::"))
+
+
+def _has_kernel(op: str, key: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
+
+
+def _built_with_cuda(path: str) -> bool:
+    """Whether the shared library links torch's CUDA runtime (an ELF DT_NEEDED entry)."""
+    with open(path, "rb") as f:
+        return b"libc10_cuda.so" in f.read()
+
+
+def test_every_cpu_op_has_a_cuda_kernel():
+    path = _load_extension()
+    ops = _icl_msr_ops()
+    cpu_ops = [op for op in ops if _has_kernel(op, "CPU")]
+    if not cpu_ops:
+        pytest.skip(f"the extension at {path} registers no CPU kernels yet (issue 3)")
+    if torch.version.cuda is None:
+        pytest.skip("torch is a CPU-only build, so the extension is built without CUDA kernels")
+    if not _built_with_cuda(path):
+        pytest.skip(f"the extension at {path} was built without CUDA (nvcc not found at build "
+                    f"time, CUDA_HOME unset, or ICL_MSR_NO_CUDA=1): rebuild it with nvcc to "
+                    f"check its CUDA kernels")
+    missing = [op for op in cpu_ops if not _has_kernel(op, "CUDA")]
+    assert not missing, f"ops with a CPU kernel but no CUDA kernel: {missing}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Through the public API, against the reference (SPEC §5 tolerances, tests/helpers.py).
+
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+# (n, d, k): the helpers' small default, and one that spans several tiles of every kind
+# (rows, columns, feature chunks, prototypes) with ragged edges.
+SIZES = [(6, 5, 3), (80, 100, 70)]
+
+
+@cuda
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: "n{}-d{}-k{}".format(*s))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("prior_mode,combine", PAIRS)
+def test_matches_reference(size, dtype, prior_mode, combine):
+    n, d, k = size
+    inputs = make_inputs(n, d, k, seed=n + d + k, device="cuda")
+    assert_matches_reference(inputs, "cuda", dtype, prior_mode=prior_mode, combine=combine)
+
+
+@cuda
+@pytest.mark.parametrize("size", [(1, 5, 3), (6, 1, 3), (6, 5, 1), (6, 130, 3), (6, 5, 1000),
+                                  (33, 7, 65)], ids=lambda s: "n{}-d{}-k{}".format(*s))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("prior_mode,combine", [("logit", "concat"), ("mult", "add")])
+def test_odd_sizes(size, dtype, prior_mode, combine):
+    n, d, k = size
+    inputs = make_inputs(n, d, k, seed=1, device="cuda")
+    assert_matches_reference(inputs, "cuda", dtype, prior_mode=prior_mode, combine=combine)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_ntxent_matches_reference(dtype):
+    gen = torch.Generator().manual_seed(3)
+    z1, z2 = (torch.randn(70, 9, generator=gen, dtype=torch.float64) for _ in range(2))
+    losses = []
+    for backend, cast in (("cuda", dtype), ("reference", torch.float64)):
+        a = z1.to("cuda", cast).requires_grad_()
+        b = z2.to("cuda", cast).requires_grad_()
+        loss = ntxent_loss(a, b, temperature=0.3, backend=backend)
+        losses.append((loss.double(), *(g.double() for g in torch.autograd.grad(loss, (a, b)))))
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    (loss, ga, gb), (ref, ref_a, ref_b) = losses
+    assert abs(loss.item() - ref.item()) <= tol * abs(ref.item())
+    for g, r in ((ga, ref_a), (gb, ref_b)):
+        assert (g - r).abs().max() <= 10 * tol * r.abs().max()
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_deterministic(dtype):
+    """Same inputs, bit-identical loss and gradients (no atomics anywhere)."""
+    inputs = make_inputs(150, 70, 90, seed=4, device="cuda")
+    (parts0, grads0), *rest = [loss_and_grads(cast(inputs, dtype), "cuda") for _ in range(3)]
+    for parts, grads in rest:
+        assert all(torch.equal(p, q) for p, q in zip(parts, parts0))
+        assert all(torch.equal(grads[n], grads0[n]) for n in grads0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Op by op: the kernels alone, independent of the Python autograd registration.
+
+def _ops():
+    _load_extension()
+    return torch.ops.icl_msr
+
+
+def _features(rows, dim, gen):
+    """Unit rows scaled by 1/sqrt(tau), as loss.py hands them to the contrastive kernels."""
+    return rownorm(torch.randn(rows, dim, generator=gen, dtype=torch.float64)) / 0.2 ** 0.5
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("int_mode", list(INT_MODES))
+@pytest.mark.parametrize("layout", ["square", "rectangular"])
+def test_contrastive_ops(dtype, int_mode, layout):
+    """contrastive_forward / _backward against the reference, rows x columns included (the
+    distributed-negatives layout: this rank's rows sit at row_offset among the columns)."""
+    gen = torch.Generator().manual_seed(5)
+    rows, dim_a, dim_b = 70, 33, 20
+    a = _features(rows, dim_a, gen)
+    b = _features(rows, dim_b, gen) if int_mode != "none" else None
+    a_cols = b_cols = None
+    offset = 0
+    if layout == "rectangular":
+        offset = 2 * rows
+        a_cols = torch.cat([_features(offset, dim_a, gen), a, _features(rows + 3, dim_a, gen)])
+        if b is not None:
+            b_cols = torch.cat([_features(offset, dim_b, gen), b, _features(rows + 3, dim_b, gen)])
+    leaves = [t.cuda().requires_grad_() if t is not None else None for t in (a, b, a_cols, b_cols)]
+    base, inter = contrastive_losses(*leaves, offset, int_mode)
+    weights = torch.tensor([1.3, 0.7], dtype=torch.float64, device="cuda")
+    present = [t for t in leaves if t is not None]
+    ref_grads = torch.autograd.grad(weights[0] * base + weights[1] * inter, present)
+
+    args = [t.detach().to(dtype) if t is not None else None for t in leaves]
+    losses, row_lse = _ops().contrastive_forward(*args, offset, INT_MODES[int_mode])
+    grads = _ops().contrastive_backward(weights.to(losses.dtype), *args, row_lse, offset,
+                                        INT_MODES[int_mode])
+    loss_tol, grad_tol = (1e-10, 1e-9) if dtype == torch.float64 else (1e-5, 1e-4)
+    for got, ref in zip(losses, (base, inter)):
+        assert abs(got.item() - ref.item()) <= loss_tol * max(abs(ref.item()), 1e-30)
+    ref_iter = iter(ref_grads)
+    for got, leaf in zip(grads, leaves):
+        if leaf is None:
+            assert got.numel() == 0
+            continue
+        ref = next(ref_iter)
+        assert got.dtype == dtype and got.shape == leaf.shape
+        assert (got.double() - ref).abs().max() <= grad_tol * ref.abs().max()
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("prior_mode", list(PRIOR_MODES))
+@pytest.mark.parametrize("size", [(7, 5, 3), (150, 70, 130)],
+                         ids=lambda s: "b{}-d{}-k{}".format(*s))
+def test_attention_ops(dtype, prior_mode, size):
+    rows, dim, k = size
+    gen = torch.Generator().manual_seed(6)
+    x = rownorm(torch.randn(rows, dim, generator=gen, dtype=torch.float64)).cuda().requires_grad_()
+    p = rownorm(torch.randn(k, dim, generator=gen, dtype=torch.float64)).cuda().requires_grad_()
+    log_prior = torch.log_softmax(torch.randn(k, generator=gen, dtype=torch.float64), 0)
+    log_prior = log_prior.cuda().requires_grad_()
+    c_ref = prototype_attention(x, p, log_prior, 0.1, prior_mode)
+    grad_c = torch.randn(rows, dim, generator=gen, dtype=torch.float64).cuda()
+    ref_grads = torch.autograd.grad(c_ref, (x, p, log_prior), grad_c)
+
+    args = [t.detach().to(dtype) for t in (x, p, log_prior)]
+    c, row_lse = _ops().attention_forward(*args, 10.0, PRIOR_MODES[prior_mode])
+    grads = _ops().attention_backward(grad_c.to(dtype), *args, c, row_lse, 10.0,
+                                      PRIOR_MODES[prior_mode])
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    assert c.dtype == dtype
+    assert (c.double() - c_ref).abs().max() <= tol * c_ref.abs().max()
+    for got, ref, arg in zip(grads, ref_grads, args):
+        assert got.dtype == arg.dtype and got.shape == arg.shape
+        assert (got.double() - ref).abs().max() <= 10 * tol * ref.abs().max()
+
+
+def _sample_args(device="cuda", dtype=torch.float32):
+    """(op name, args) for every op, small, on `device`."""
+    gen = torch.Generator().manual_seed(7)
+    rand = lambda *s: torch.randn(*s, generator=gen, dtype=dtype).to(device)  # noqa: E731
+    x, p, lp = rand(10, 7), rand(4, 7), torch.log_softmax(rand(4), 0)
+    c, row_lse = _ops().attention_forward(x, p, lp, 10.0, 0)
+    a, b, a_cols, b_cols = rand(8, 7), rand(8, 5), rand(20, 7), rand(20, 5)
+    g = torch.tensor([1.0, 0.5], dtype=torch.float32, device=device)
+    _, lse_sq = _ops().contrastive_forward(a, b, None, None, 0, 1)
+    _, lse_rect = _ops().contrastive_forward(a, b, a_cols, b_cols, 6, 2)
+    return [
+        ("attention_forward", (x, p, lp, 10.0, 0)),
+        ("attention_backward", (rand(10, 7), x, p, lp, c, row_lse, 10.0, 1)),
+        ("contrastive_forward", (a, b, None, None, 0, 1)),
+        ("contrastive_forward", (a, b, a_cols, b_cols, 6, 2)),
+        ("contrastive_backward", (g, a, b, None, None, lse_sq, 0, 1)),
+        ("contrastive_backward", (g, a, b, a_cols, b_cols, lse_rect, 6, 2)),
+    ]
+
+
+@cuda
+def test_opcheck():
+    for name, args in _sample_args():
+        torch.library.opcheck(getattr(torch.ops.icl_msr, name).default, args)
+
+
+@cuda
+def test_bad_input_errors():
+    """Bad input on CUDA gets the CPU backend's clear, argument-naming errors."""
+    ops = _ops()
+    a = torch.randn(8, 5, device="cuda")
+    with pytest.raises(RuntimeError, match="a must have a positive, even number of rows"):
+        ops.contrastive_forward(a[:7], None, None, None, 0, 0)
+    with pytest.raises(RuntimeError, match="b must be given"):
+        ops.contrastive_forward(a, None, None, None, 0, 1)
+    with pytest.raises(RuntimeError, match="b must have the dtype of a"):
+        ops.contrastive_forward(a, a.double(), None, None, 0, 1)
+    with pytest.raises(RuntimeError, match="row_offset must place"):
+        ops.contrastive_forward(a, None, torch.randn(10, 5, device="cuda"), None, 4, 0)
+    with pytest.raises(RuntimeError, match="int_mode must be"):
+        ops.contrastive_forward(a, None, None, None, 0, 3)
+    x, p, lp = torch.randn(6, 5, device="cuda"), torch.randn(3, 5, device="cuda"), torch.zeros(3)
+    with pytest.raises(RuntimeError, match="log_prior must be on"):
+        ops.attention_forward(x, p, lp, 10.0, 0)
+    with pytest.raises(RuntimeError, match="prototypes must have 5 features"):
+        ops.attention_forward(x, p[:, :4], lp.cuda(), 10.0, 0)
+    with pytest.raises(RuntimeError, match="prior_mode must be"):
+        ops.attention_forward(x, p, lp.cuda(), 10.0, 2)
+    with pytest.raises(RuntimeError, match="inv_attn_temperature must be finite"):
+        ops.attention_forward(x, p, lp.cuda(), float("inf"), 0)

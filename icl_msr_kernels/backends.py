@@ -58,7 +58,9 @@ _LOADERS: dict[str, tuple[Callable[[], object], tuple[str, ...]]] = {
     "cuda": (_load_cuda, ("cuda",)),
 }
 
-# What backend="auto" tries, fastest first, per device type.
+# What backend="auto" tries, fastest first, per device type. On CUDA, "cuda" before "triton" is
+# PENDING a GPU benchmark (no GPU has been lent yet; benchmarks/gpu_check.sh measures both): it
+# comes first for now because it needs no JIT compilation and no autotuning on first use.
 _AUTO_ORDER = {
     "cpu": ("cpp", "reference"),
     "cuda": ("cuda", "triton", "reference"),

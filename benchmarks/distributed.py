@@ -55,6 +55,7 @@ def _rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out: 
         times.append(time.perf_counter() - start)
     torch.save({"times": times, "peak_mb": peak_mb}, f"{out}/rank{rank}.pt")
     if gather:
+        dist.barrier()  # no rank tears down while another still talks to it
         dist.destroy_process_group()
 
 

@@ -23,11 +23,12 @@ from icl_msr_kernels import ICLMSRLoss
 class SelfSupervised(nn.Module):
     """Encoder + loss in one module, so DDP also averages the prototypes' gradients."""
 
-    def __init__(self, in_dim: int = 32, dim: int = 16, num_prototypes: int = 8) -> None:
+    def __init__(self, in_dim: int = 32, dim: int = 16, num_prototypes: int = 8,
+                 backend: str = "auto") -> None:
         super().__init__()
         self.encoder = nn.Sequential(nn.Linear(in_dim, 64), nn.ReLU(), nn.Linear(64, dim))
         self.criterion = ICLMSRLoss(dim, num_prototypes, temperature=0.2, learnable_prior=True,
-                                    gather_distributed=True)
+                                    gather_distributed=True, backend=backend)
 
     def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:
         return self.criterion(self.encoder(view1), self.encoder(view2))
@@ -42,12 +43,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-per-rank", type=int, default=64)
+    parser.add_argument("--backend", default="auto")
     args = parser.parse_args()
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)  # same initial weights on every rank (DDP also broadcasts them)
-    model = DistributedDataParallel(SelfSupervised())
+    model = DistributedDataParallel(SelfSupervised(backend=args.backend))
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     centers = torch.randn(10, 32, generator=torch.Generator().manual_seed(1)) * 2
     gen = torch.Generator().manual_seed(100 + rank)  # each rank draws its own samples
@@ -64,6 +66,9 @@ def main() -> None:
         if rank == 0 and (step % 10 == 0 or step == args.steps - 1):
             print(f"step {step:3d}  loss {mean_loss.item() / world:.4f}  "
                   f"(global batch {args.batch_per_rank * world})", flush=True)
+    # Every rank done before any tears down: a gloo peer closing its connections while another
+    # still reads them makes the reader abort at exit.
+    dist.barrier()
     dist.destroy_process_group()
 
 

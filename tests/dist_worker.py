@@ -58,13 +58,16 @@ def main(rank: int, world: int, port: int, out_dir: str, case: str, backends: li
             except ValueError as err:
                 message = str(err)
             torch.save(message, f"{out_dir}/rank{rank}.pt")
-            return
-        batch = global_batch(world)
-        rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
-        mine = dict(batch, z1=batch["z1"][rows], z2=batch["z2"][rows])
-        results = {(backend, config): loss_and_grads(mine, config, backend, True)
-                   for backend in backends for config in CONFIGS}
-        torch.save(results, f"{out_dir}/rank{rank}.pt")
+        else:
+            batch = global_batch(world)
+            rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+            mine = dict(batch, z1=batch["z1"][rows], z2=batch["z2"][rows])
+            results = {(backend, config): loss_and_grads(mine, config, backend, True)
+                       for backend in backends for config in CONFIGS}
+            torch.save(results, f"{out_dir}/rank{rank}.pt")
+        # Every rank done before any tears down: a gloo peer that closes its connections while
+        # another still reads them makes the reader abort at exit.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

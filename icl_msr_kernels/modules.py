@@ -102,8 +102,6 @@ class NTXentLoss(nn.Module):
         self.backend = check.check_choice("backend", backend, check.BACKENDS)
 
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
-        from ._validation import check_embeddings
-
-        check_embeddings(out0, out1, names=("out0", "out1"))
+        check.check_embeddings(out0, out1, names=("out0", "out1"))
         return ntxent_loss(out0, out1, temperature=self.temperature, backend=self.backend,
                            gather_distributed=self.gather_distributed)

@@ -69,7 +69,8 @@ def _attention_fwd_kernel(
         l = l * alpha + tl.sum(w, 1)
         if MULT:
             w = w * tl.exp(log_prior)[None, :]
-        acc = tl.dot(w.to(p.dtype), p, acc * alpha[:, None], input_precision=PREC)
+        acc = tl.dot(w.to(p.dtype), p, acc * alpha[:, None], input_precision=PREC,
+                     out_dtype=acc.dtype)
         m = m_new
     store_tile(c_ptr, rows, row_mask, d0, D, acc / l[:, None], BLOCK_D)
     if tl.program_id(1) == 0:
@@ -107,7 +108,7 @@ def _attention_bwd_rows_kernel(
         valid = row_mask[:, None] & k_mask[None, :]
         w, de = _attention_grads(e, log_prior[None, :], lse[:, None], dw, delta[:, None],
                                  valid, MULT)
-        acc = tl.dot(de.to(p.dtype), p, acc, input_precision=PREC)
+        acc = tl.dot(de.to(p.dtype), p, acc, input_precision=PREC, out_dtype=acc.dtype)
     store_tile(dx_ptr, rows, row_mask, d0, D, acc * inv_tau, BLOCK_D)
 
 
@@ -147,8 +148,9 @@ def _attention_bwd_protos_kernel(
         valid = k_mask[:, None] & row_mask[None, :]
         w, de = _attention_grads(e, log_prior[:, None], lse[None, :], dw, delta[None, :],
                                  valid, MULT)
-        acc = tl.dot((de * inv_tau).to(x.dtype), x, acc, input_precision=PREC)
-        acc = tl.dot(w.to(dc.dtype), dc, acc, input_precision=PREC)
+        acc = tl.dot((de * inv_tau).to(x.dtype), x, acc, input_precision=PREC,
+                     out_dtype=acc.dtype)
+        acc = tl.dot(w.to(dc.dtype), dc, acc, input_precision=PREC, out_dtype=acc.dtype)
         dlp += tl.sum(w * dw if MULT else de, 1)
     out_rows = segment * K + ks  # row of the (segments * K, D) partial-sum matrix
     store_tile(dp_ptr, out_rows, k_mask, d0, D, acc, BLOCK_D)

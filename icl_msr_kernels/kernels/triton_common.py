@@ -96,7 +96,7 @@ def dot_nt(x_tile, y_tile, x_ptr, x_rows, x_mask, y_ptr, y_rows, y_mask, D,
         for d0 in range(0, D, BLOCK_D):
             x = load_tile(x_ptr, x_rows, x_mask, d0, D, BLOCK_D)
             y = load_tile(y_ptr, y_rows, y_mask, d0, D, BLOCK_D)
-            out = tl.dot(x, tl.trans(y), out, input_precision=PREC)
+            out = tl.dot(x, tl.trans(y), out, input_precision=PREC, out_dtype=out.dtype)
     return out
 
 

@@ -200,10 +200,12 @@ def _ntxent_bwd_kernel(
                 s_int += s_aa
             t_b = _softmax_grad(s_int, lse_own_int, lse_swept_int, valid, is_pos, OWNER_ROWS,
                                 SWEPT_ROWS)
-            acc_b = tl.dot(t_b.to(sb.dtype), sb, acc_b, input_precision=PREC)
+            acc_b = tl.dot(t_b.to(sb.dtype), sb, acc_b, input_precision=PREC,
+                           out_dtype=acc_b.dtype)
             if INT_MODE == 1:  # "concat": a also enters the interventional logits
                 t_a = t_a * w_base + t_b * w_int
-        acc_a = tl.dot(t_a.to(sa.dtype), sa, acc_a, input_precision=PREC)
+        acc_a = tl.dot(t_a.to(sa.dtype), sa, acc_a, input_precision=PREC,
+                       out_dtype=acc_a.dtype)
 
     out = segment * n_own + own
     store_tile(da_ptr, out, own_mask, d0, D, acc_a * (scale_a / B), BLOCK_D)

@@ -19,11 +19,10 @@ import torch
 
 from helpers import PAIRS, assert_matches_reference, cast, loss_and_grads, make_inputs
 from icl_msr_kernels import ntxent_loss
+from icl_msr_kernels.kernels import INT_MODE_CODES, PRIOR_MODE_CODES
 from icl_msr_kernels.reference import contrastive_losses, prototype_attention, rownorm
 
 HAS_CUDA = torch.cuda.is_available()
-INT_MODES = {"none": 0, "concat": 1, "add": 2}
-PRIOR_MODES = {"logit": 0, "mult": 1}
 
 
 def cuda(test):
@@ -152,7 +151,7 @@ def _features(rows, dim, gen):
 
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-@pytest.mark.parametrize("int_mode", list(INT_MODES))
+@pytest.mark.parametrize("int_mode", list(INT_MODE_CODES))
 @pytest.mark.parametrize("layout", ["square", "rectangular"])
 def test_contrastive_ops(dtype, int_mode, layout):
     """contrastive_forward / _backward against the reference, rows x columns included (the
@@ -175,9 +174,9 @@ def test_contrastive_ops(dtype, int_mode, layout):
     ref_grads = torch.autograd.grad(weights[0] * base + weights[1] * inter, present)
 
     args = [t.detach().to(dtype) if t is not None else None for t in leaves]
-    losses, row_lse = _ops().contrastive_forward(*args, offset, INT_MODES[int_mode])
+    losses, row_lse = _ops().contrastive_forward(*args, offset, INT_MODE_CODES[int_mode])
     grads = _ops().contrastive_backward(weights.to(losses.dtype), *args, row_lse, offset,
-                                        INT_MODES[int_mode])
+                                        INT_MODE_CODES[int_mode])
     loss_tol, grad_tol = (1e-10, 1e-9) if dtype == torch.float64 else (1e-5, 1e-4)
     for got, ref in zip(losses, (base, inter)):
         assert abs(got.item() - ref.item()) <= loss_tol * max(abs(ref.item()), 1e-30)
@@ -193,7 +192,7 @@ def test_contrastive_ops(dtype, int_mode, layout):
 
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-@pytest.mark.parametrize("prior_mode", list(PRIOR_MODES))
+@pytest.mark.parametrize("prior_mode", list(PRIOR_MODE_CODES))
 @pytest.mark.parametrize("size", [(7, 5, 3), (150, 70, 130)],
                          ids=lambda s: "b{}-d{}-k{}".format(*s))
 def test_attention_ops(dtype, prior_mode, size):
@@ -208,9 +207,9 @@ def test_attention_ops(dtype, prior_mode, size):
     ref_grads = torch.autograd.grad(c_ref, (x, p, log_prior), grad_c)
 
     args = [t.detach().to(dtype) for t in (x, p, log_prior)]
-    c, row_lse = _ops().attention_forward(*args, 10.0, PRIOR_MODES[prior_mode])
+    c, row_lse = _ops().attention_forward(*args, 10.0, PRIOR_MODE_CODES[prior_mode])
     grads = _ops().attention_backward(grad_c.to(dtype), *args, c, row_lse, 10.0,
-                                      PRIOR_MODES[prior_mode])
+                                      PRIOR_MODE_CODES[prior_mode])
     tol = 1e-10 if dtype == torch.float64 else 1e-5
     assert c.dtype == dtype
     assert (c.double() - c_ref).abs().max() <= tol * c_ref.abs().max()

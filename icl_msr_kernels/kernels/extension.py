@@ -17,11 +17,9 @@ import torch
 from torch import Tensor
 
 from ..backends import BackendUnavailable
+from . import INT_MODE_CODES, PRIOR_MODE_CODES
 
 _OPS = ("attention_forward", "attention_backward", "contrastive_forward", "contrastive_backward")
-# Enum values of csrc/tile_math.h (PriorMode, IntMode).
-_PRIOR_MODES = {"logit": 0, "mult": 1}
-_INT_MODES = {"none": 0, "concat": 1, "add": 2}
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 
@@ -162,7 +160,7 @@ class ExtensionKernels:
                   prior_mode: str) -> Tensor:
         """C = W P of SPEC steps 4-6 for row-normalised x (B, D), prototypes (K, D); C: (B, D)."""
         c, _row_lse = torch.ops.icl_msr.attention_forward(
-            x, prototypes, log_prior, 1.0 / attn_temperature, _PRIOR_MODES[prior_mode])
+            x, prototypes, log_prior, 1.0 / attn_temperature, PRIOR_MODE_CODES[prior_mode])
         return c
 
     @staticmethod
@@ -170,7 +168,7 @@ class ExtensionKernels:
                     row_offset: int, int_mode: str) -> tuple[Tensor, Tensor]:
         """(L_base, L_int) of SPEC steps 7-8, as `reference.contrastive_losses`."""
         losses, _row_lse = torch.ops.icl_msr.contrastive_forward(
-            a, b, a_cols, b_cols, row_offset, _INT_MODES[int_mode])
+            a, b, a_cols, b_cols, row_offset, INT_MODE_CODES[int_mode])
         return losses[0], losses[1]
 
 

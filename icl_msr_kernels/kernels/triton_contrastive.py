@@ -31,13 +31,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import INT_MODE_CODES
 from .triton_common import (TunedKernel, acc_dtype, check_device, d_blocking, define_op, dot_nt,
                             dot_precision, ignore_context, load_tile, no_double_backward,
                             segment_length, store_tile, uses_fma)
-
-# int_mode names -> the INT_MODE constexpr of the kernels.
-INT_MODES = {"none": 0, "concat": 1, "add": 2}
-
 
 @triton.jit
 def _online_lse(m, l, pos, s, valid, is_pos):
@@ -244,7 +241,7 @@ def ntxent_fwd(a: Tensor, b: Optional[Tensor], a_cols: Optional[Tensor], b_cols:
     (the second row unused for "none")."""
     if a_cols is None:
         a_cols, b_cols = a, b
-    mode = INT_MODES[int_mode]
+    mode = INT_MODE_CODES[int_mode]
     terms = 2 if mode else 1
     a, a_cols = a.contiguous(), a_cols.contiguous()
     # "none" has no b: the kernel never reads these pointers, any tensor will do.
@@ -277,7 +274,7 @@ def ntxent_bwd(grad_losses: Tensor, a: Tensor, b: Optional[Tensor], a_cols: Opti
                b_cols: Optional[Tensor], lse: Tensor, row_offset: int, int_mode: str,
                precision: str) -> List[Tensor]:
     """[da, db, da_cols, db_cols] of `ntxent_fwd`; an empty tensor for each absent input."""
-    mode = INT_MODES[int_mode]
+    mode = INT_MODE_CODES[int_mode]
     grad_losses = grad_losses.to(lse.dtype).contiguous()
     a = a.contiguous()
     b = b.contiguous() if mode else a
@@ -346,8 +343,8 @@ def contrastive_losses(a: Tensor, b: Optional[Tensor], a_cols: Optional[Tensor],
     if a.shape[0] % 2:
         raise ValueError(f"contrastive rows must be the two views stacked (an even count), got "
                          f"{a.shape[0]}")
-    if int_mode not in INT_MODES:
-        raise ValueError(f"int_mode must be one of {', '.join(map(repr, INT_MODES))}, got "
+    if int_mode not in INT_MODE_CODES:
+        raise ValueError(f"int_mode must be one of {', '.join(map(repr, INT_MODE_CODES))}, got "
                          f"{int_mode!r}")
     losses, _ = ntxent_fwd(a, b if int_mode != "none" else None, a_cols,
                            b_cols if int_mode != "none" else None, row_offset, int_mode,

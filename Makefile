@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 SOURCES := $(shell find csrc -type f 2>/dev/null) setup.py requirements-dev.txt
-# nvcc lives here on our machines; setup.py compiles the CUDA kernels when it finds it.
+# The usual CUDA toolkit location; setup.py compiles the CUDA kernels when it finds nvcc.
 export CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 export MAX_JOBS ?= 2

@@ -22,7 +22,7 @@ DTYPES: dict[str, torch.dtype] = {
 # logits are symmetric in single-process mode, so each tile pair {i, j} is computed once:
 # forward a·aᵀ and b·bᵀ over half the tiles (1 product); backward recomputes them (1) and applies
 # the coefficients of G and Gᵀ to the two feature sets (2). A backend that sweeps every tile
-# (both triangles) does 6, so it can reach at most 4/6 of this floor (SPEC §3-4, PERF_NOTES).
+# (both triangles) does 6, so it can reach at most 4/6 of this floor (docs/math.md §3-4, PERF_NOTES).
 PRODUCTS = {"fwd": 1, "bwd": 3, "fwdbwd": 4}
 
 # Dense (2N)^2 buffers the eager reference holds at its peak in forward+backward: measured

@@ -3,7 +3,7 @@
 Fused backends are discovered from `icl_msr_kernels.backend_status()`, so a backend that starts
 importing (cpp, triton, cuda, or a later one) is benchmarked with no change here.
 
-Hook for distributed negatives (issue 6): a `Provider` carries `world_size`; a provider with
+Hook for distributed negatives: a `Provider` carries `world_size`; a provider with
 world_size > 1 would run its loss with gather_distributed=True under that many gloo/NCCL ranks,
 each holding N rows per view. `measure.measure_point` is where the ranks would be spawned (one
 worker process per rank, rank 0 reporting); until then the sweep rejects such providers.

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/util/string_view.h>
 
 #include <cmath>
 #include <cstdint>
@@ -14,7 +15,7 @@
 
 namespace icl_msr {
 
-// SPEC §4: float64 inputs accumulate in float64, every other floating dtype in float32.
+// docs/math.md §4: float64 inputs accumulate in float64, every other floating dtype in float32.
 inline at::ScalarType accum_dtype(at::ScalarType dtype) {
   return dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -43,10 +44,24 @@ inline void check_size(const at::Tensor& t, const char* name, int64_t dim, int64
               "), got shape ", t.sizes());
 }
 
+// The ops take their modes by name, as the Python API does.
+inline PriorMode parse_prior_mode(c10::string_view prior_mode) {
+  if (prior_mode == "logit") return kPriorLogit;
+  if (prior_mode == "mult") return kPriorMult;
+  TORCH_CHECK(false, "prior_mode must be \"logit\" or \"mult\", got \"", prior_mode, "\"");
+}
+
+inline Combine parse_combine(c10::string_view combine) {
+  if (combine == "none") return kCombineNone;
+  if (combine == "concat") return kCombineConcat;
+  if (combine == "add") return kCombineAdd;
+  TORCH_CHECK(false, "combine must be \"none\", \"concat\" or \"add\", got \"", combine, "\"");
+}
+
 // attention_forward / attention_backward: x (B, D), prototypes (K >= 1, D), log_prior (K,).
-inline void check_attention_args(const at::Tensor& x, const at::Tensor& prototypes,
-                                 const at::Tensor& log_prior, double inv_attn_temperature,
-                                 int64_t prior_mode) {
+inline PriorMode check_attention_args(const at::Tensor& x, const at::Tensor& prototypes,
+                                      const at::Tensor& log_prior, double inv_attn_temperature,
+                                      c10::string_view prior_mode) {
   check_tensor(x, "x", 2, x.device());
   check_tensor(prototypes, "prototypes", 2, x.device());
   check_same_dtype(prototypes, "prototypes", x, "x");
@@ -57,8 +72,7 @@ inline void check_attention_args(const at::Tensor& x, const at::Tensor& prototyp
   check_size(log_prior, "log_prior", 0, prototypes.size(0), "entries, one per prototype");
   TORCH_CHECK(std::isfinite(inv_attn_temperature) && inv_attn_temperature > 0,
               "inv_attn_temperature must be finite and > 0, got ", inv_attn_temperature);
-  TORCH_CHECK(prior_mode == kPriorLogit || prior_mode == kPriorMult,
-              "prior_mode must be 0 (\"logit\") or 1 (\"mult\"), got ", prior_mode);
+  return parse_prior_mode(prior_mode);
 }
 
 // The extra inputs of attention_backward: grad_c and c like x, row_lse (B,).
@@ -75,29 +89,45 @@ inline void check_attention_backward_args(const at::Tensor& grad_c, const at::Te
 
 // What the contrastive ops' arguments describe, once checked.
 struct ContrastiveShape {
-  int64_t rows;   // B local rows (the two views stacked)
-  int64_t cols;   // M columns: B when they are the rows, else all ranks' rows
-  bool square;    // columns are the rows (a_cols None)
-  bool uses_b;    // an interventional term (int_mode != 0)
+  int64_t rows;            // B local rows
+  int64_t cols;            // M columns: B when they are the rows, else the given columns
+  bool square;             // columns are the rows (a_cols None)
+  bool uses_b;             // an interventional term (combine != "none")
+  bool explicit_positive;  // positive_logits given: every column is a negative (memory bank)
+  Combine combine;
 };
 
-// contrastive_forward / contrastive_backward: a (B even, D), b (B, Db) unless int_mode is 0,
+// contrastive_forward / contrastive_backward: a (B, D), b (B, Db) unless combine is "none",
 // a_cols (M, D) and b_cols (M, Db) or neither, row_offset placing the rows among the columns.
+// Without positive_logits the rows are the two views stacked (B even) and hold each other's
+// positives; with positive_logits (2, B) the columns must be given and are all negatives.
 inline ContrastiveShape check_contrastive_args(const at::Tensor& a,
                                                const std::optional<at::Tensor>& b,
                                                const std::optional<at::Tensor>& a_cols,
                                                const std::optional<at::Tensor>& b_cols,
-                                               int64_t row_offset, int64_t int_mode) {
-  TORCH_CHECK(int_mode >= kIntNone && int_mode <= kIntAdd,
-              "int_mode must be 0 (none), 1 (\"concat\") or 2 (\"add\"), got ", int_mode);
+                                               const std::optional<at::Tensor>& positive_logits,
+                                               int64_t row_offset, c10::string_view combine) {
+  const Combine mode = parse_combine(combine);
   check_tensor(a, "a", 2, a.device());
   const int64_t rows = a.size(0);
-  TORCH_CHECK(rows >= 2 && rows % 2 == 0,
-              "a must have a positive, even number of rows (the two views stacked), got shape ",
-              a.sizes());
-  ContrastiveShape shape{rows, rows, !a_cols.has_value(), int_mode != kIntNone};
+  const bool explicit_positive = positive_logits.has_value();
+  if (explicit_positive) {
+    TORCH_CHECK(rows >= 1, "a must have at least one row, got shape ", a.sizes());
+    TORCH_CHECK(a_cols.has_value(),
+                "a_cols must be given with positive_logits (the columns are the negatives)");
+    TORCH_CHECK(row_offset == 0, "row_offset must be 0 with positive_logits, got ", row_offset);
+    check_tensor(*positive_logits, "positive_logits", 2, a.device());
+    check_size(*positive_logits, "positive_logits", 0, 2, "rows (base, interventional)");
+    check_size(*positive_logits, "positive_logits", 1, rows, "columns, one per row of a");
+  } else {
+    TORCH_CHECK(rows >= 2 && rows % 2 == 0,
+                "a must have a positive, even number of rows (the two views stacked), got shape ",
+                a.sizes());
+  }
+  ContrastiveShape shape{rows, rows, !a_cols.has_value(), mode != kCombineNone,
+                         explicit_positive, mode};
   if (shape.uses_b) {
-    TORCH_CHECK(b.has_value(), "b must be given when int_mode is ", int_mode);
+    TORCH_CHECK(b.has_value(), "b must be given when combine is \"", combine, "\"");
     check_tensor(*b, "b", 2, a.device());
     check_same_dtype(*b, "b", a, "a");
     check_size(*b, "b", 0, rows, "rows, as a");
@@ -113,12 +143,13 @@ inline ContrastiveShape check_contrastive_args(const at::Tensor& a,
   check_same_dtype(*a_cols, "a_cols", a, "a");
   check_size(*a_cols, "a_cols", 1, a.size(1), "features, as a");
   shape.cols = a_cols->size(0);
-  TORCH_CHECK(row_offset >= 0 && row_offset + rows <= shape.cols, "row_offset must place the ",
-              rows, " rows of a inside the ", shape.cols, " rows of a_cols, got row_offset ",
-              row_offset);
+  TORCH_CHECK(shape.cols >= 1, "a_cols must have at least one row, got shape ", a_cols->sizes());
+  TORCH_CHECK(explicit_positive || (row_offset >= 0 && row_offset + rows <= shape.cols),
+              "row_offset must place the ", rows, " rows of a inside the ", shape.cols,
+              " rows of a_cols, got row_offset ", row_offset);
   if (shape.uses_b) {
-    TORCH_CHECK(b_cols.has_value(), "b_cols must be given when a_cols is and int_mode is ",
-                int_mode);
+    TORCH_CHECK(b_cols.has_value(), "b_cols must be given when a_cols is and combine is \"",
+                combine, "\"");
     check_tensor(*b_cols, "b_cols", 2, a.device());
     check_same_dtype(*b_cols, "b_cols", a, "a");
     check_size(*b_cols, "b_cols", 0, shape.cols, "rows, as a_cols");

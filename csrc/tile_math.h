@@ -16,9 +16,9 @@
 namespace icl_msr {
 
 // How the interventional logits are formed from the features (a, b) of a row and a column,
-// matching `int_mode` of the contrastive ops: no interventional term (plain NT-Xent),
+// matching `combine` of the contrastive ops: no interventional term (plain NT-Xent),
 // "concat": a·a' + b·b', "add": b·b' (b = rownorm(x + gamma c) / sqrt(tau) built in Python).
-enum IntMode : int64_t { kIntNone = 0, kIntConcat = 1, kIntAdd = 2 };
+enum Combine : int64_t { kCombineNone = 0, kCombineConcat = 1, kCombineAdd = 2 };
 
 // How the prior enters the prototype attention, matching `prior_mode`. In both modes the
 // weights are W = exp(E + log_prior - row_lse); row_lse is the log-sum-exp of E + log_prior
@@ -66,6 +66,20 @@ ICL_MSR_HD T lse_finish(T run_max, T run_sum) {
   return run_max + fast_log(run_sum);
 }
 
+// log(1 + exp(v)) without overflow; exactly 0 at v = -inf, NaN stays NaN.
+template <typename T>
+ICL_MSR_HD T softplus(T v) {
+  return v > T(0) ? v + log1p(exp(-v)) : log1p(exp(v));
+}
+
+// A row's NT-Xent term from the log-sum-exp of its negatives and its positive logit:
+// lse - positive = log(1 + exp(negatives_lse - positive)). Written this way it is >= 0 and exactly
+// 0 when the row has no negative (negatives_lse = -inf), whatever the rounding of the sums.
+template <typename T>
+ICL_MSR_HD T ntxent_row_term(T negatives_lse, T positive) {
+  return softplus(negatives_lse - positive);
+}
+
 // d(mean over `rows` anchors of NT-Xent)/d(logit) for one (anchor, column) pair:
 // (softmax probability - [column is the positive]) / rows. The self column has coefficient 0.
 template <typename T>
@@ -77,14 +91,14 @@ ICL_MSR_HD T ntxent_grad_coef(T logit, T row_lse, bool is_positive, T inv_rows) 
 
 namespace icl_msr {
 
-// Prototype attention (SPEC steps 4-6) of one (row a, prototype k) pair, E = x_a·P_k / tau_a:
+// Prototype attention (docs/math.md §2 steps 4-6) of one (row a, prototype k) pair, E = x_a·P_k / tau_a:
 // the weight W = exp(E + log_prior_k - row_lse_a) that both prior modes use (see PriorMode).
 template <typename T>
 ICL_MSR_HD T attention_weight(T score, T log_prior, T row_lse) {
   return fast_exp(score + log_prior - row_lse);
 }
 
-// dL/dE of one pair, from its weight, dweight = dC_a·P_k and delta = <dC_a, C_a> (SPEC §3):
+// dL/dE of one pair, from its weight, dweight = dC_a·P_k and delta = <dC_a, C_a> (docs/math.md §3):
 // "logit": W (dweight - delta); "mult": W dweight - S delta with S = exp(E - row_lse), the
 // attention before the prior multiplies it in.
 template <typename T>

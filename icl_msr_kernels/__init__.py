@@ -1,20 +1,25 @@
 """icl_msr_kernels: fused ICL-MSR and NT-Xent contrastive losses for PyTorch.
 
-Public API: `icl_msr_loss`, `ntxent_loss`, `ICLMSRLoss`, `NTXentLoss`, `available_backends`,
-`backend_status`. The math is in `reference`, the dispatch in `backends`.
+Public API: `icl_msr_loss`, `icl_msr_regularizer`, `ntxent_loss`, `ICLMSRLoss`,
+`ICLMSRRegularizer`, `NTXentLoss` (and its `MemoryBank`), `available_backends`, `backend_status`.
+The math is docs/math.md and `reference`, the dispatch `backends`, the kernels `kernels/`.
 """
 
-from .backends import BackendUnavailable, available_backends, backend_status
-from .loss import icl_msr_loss, ntxent_loss
-from .modules import ICLMSRLoss, NTXentLoss
+from .backends import available_backends, backend_status
+from .kernels.interface import BackendUnavailable
+from .loss import icl_msr_loss, icl_msr_regularizer, ntxent_loss
+from .modules import ICLMSRLoss, ICLMSRRegularizer, MemoryBank, NTXentLoss
 
 __all__ = [
     "icl_msr_loss",
     "ntxent_loss",
+    "icl_msr_regularizer",
     "ICLMSRLoss",
     "NTXentLoss",
+    "ICLMSRRegularizer",
+    "MemoryBank",
     "available_backends",
     "backend_status",
     "BackendUnavailable",
 ]
-__version__ = "0.1.0"
+from ._version import __version__

@@ -88,7 +88,11 @@ def check_real(name: str, value: object, *, positive: bool) -> float:
 
 
 def check_temperature(temperature: object) -> float | Tensor:
-    """A float > 0, or a 0-d floating tensor > 0 (which may require grad)."""
+    """A float > 0, or a 0-d floating tensor (which may require grad).
+
+    A tensor's value is not read: that would synchronise with its device in every training
+    step. A tensor temperature <= 0 gives a NaN loss (its 1/sqrt is NaN), never a silent value.
+    """
     if not isinstance(temperature, Tensor):
         return check_real("temperature", temperature, positive=True)
     if temperature.dim() != 0:
@@ -96,12 +100,42 @@ def check_temperature(temperature: object) -> float | Tensor:
                          f"{tuple(temperature.shape)}")
     if not temperature.is_floating_point():
         raise TypeError(f"temperature must have a floating dtype, got {temperature.dtype}")
-    # Reading the value syncs with the device and breaks a compiled graph, so skip it there.
-    if not torch.compiler.is_compiling():
-        value = temperature.item()
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"temperature must be a finite value > 0, got {value!r}")
     return temperature
+
+
+def check_bank(bank: object, z1: Tensor, gather_distributed: bool) -> None:
+    """bank: None or a floating (Q >= 1, D) tensor of negatives on the embeddings' device."""
+    if bank is None:
+        return
+    dim = z1.shape[1]
+    if not isinstance(bank, Tensor):
+        raise TypeError(f"bank must be None or a torch.Tensor of shape (Q, {dim}), got "
+                        f"{_describe(bank)}")
+    if bank.dim() != 2 or bank.shape[1] != dim:
+        raise ValueError(f"bank must have shape (Q, {dim}) (one negative per row, D of the "
+                         f"embeddings), got shape {tuple(bank.shape)}")
+    if bank.shape[0] < 1:
+        raise ValueError("bank must hold at least one row (Q >= 1), got an empty bank; pass "
+                         "bank=None for in-batch negatives")
+    if not bank.is_floating_point():
+        raise TypeError(f"bank must have a floating dtype, got {bank.dtype}")
+    if bank.device != z1.device:
+        raise ValueError(f"bank must be on the embeddings' device {z1.device}, got {bank.device}")
+    if gather_distributed:
+        raise ValueError(
+            "bank= cannot be combined with gather_distributed=True: with a memory bank the "
+            "negatives are the bank, and lightly's convention gathers only the rows that are "
+            "enqueued, never the negatives; NTXentLoss / ICLMSRLoss(memory_bank_size=..., "
+            "gather_distributed=True) do exactly that")
+
+
+def check_distributed_available(gather_distributed: bool) -> None:
+    """As lightly: asking for gathered negatives where torch.distributed is missing is an error."""
+    import torch.distributed as dist
+
+    if gather_distributed and not dist.is_available():
+        raise ValueError("gather_distributed=True but torch.distributed is not available in "
+                         "this torch build; set gather_distributed=False")
 
 
 def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:

@@ -1,30 +1,19 @@
 """Backend registry: the one place that knows which kernels exist and which one runs.
 
-A backend is an object with the two heavy pieces of SPEC, each differentiable:
-
-- ``attention(x, prototypes, log_prior, attn_temperature, prior_mode) -> C``
-  x (B, D) and prototypes (K, D) row-normalised, log_prior (K,); C (B, D) (SPEC steps 4-6).
-- ``contrastive(a, b, a_cols, b_cols, row_offset, int_mode) -> (L_base, L_int)``
-  NT-Xent of B local rows against M columns on features pre-scaled by 1/sqrt(tau), never
-  materialising B x M; a_cols/b_cols None means the columns are the rows (SPEC steps 7-8).
-  See `reference.contrastive_losses` for the exact contract.
-
-and a class attribute ``upcast_half``: whether the cheap glue around them runs in float32 for
-float16/bfloat16 inputs. Adding a backend is one module plus one entry in ``_LOADERS``.
+A backend is an object implementing `kernels.interface.Kernels` (the two heavy pieces of the
+loss, each differentiable). Adding a backend is one module plus one entry in ``_LOADERS``.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Callable
 
 import torch
 
+from .kernels.interface import BackendUnavailable, Kernels
 from .reference import ReferenceKernels
-
-
-class BackendUnavailable(RuntimeError):
-    """Raised when a named backend cannot run in this process; the message says why."""
 
 
 def _load_reference():
@@ -58,13 +47,15 @@ _LOADERS: dict[str, tuple[Callable[[], object], tuple[str, ...]]] = {
     "cuda": (_load_cuda, ("cuda",)),
 }
 
-# What backend="auto" tries, fastest first, per device type. On CUDA, "cuda" before "triton" is
-# PENDING a GPU benchmark (no GPU has been lent yet; benchmarks/gpu_check.sh measures both): it
-# comes first for now because it needs no JIT compilation and no autotuning on first use.
+# What backend="auto" tries, fastest first, per device type. On CUDA, "triton" comes first: no
+# GPU measurement of the two fused CUDA backends exists yet (benchmarks/gpu_check.sh takes it),
+# and by their compiled code (register use, instruction mix) the Triton kernels are expected to
+# be the faster; reorder here, next to the figures, once the GPU benchmark has them.
 _AUTO_ORDER = {
     "cpu": ("cpp", "reference"),
-    "cuda": ("cuda", "triton", "reference"),
+    "cuda": ("triton", "cuda", "reference"),
 }
+_warned_fallback: set[str] = set()
 
 _cache: dict[str, object] = {}
 
@@ -109,16 +100,35 @@ def available_backends() -> list[str]:
     return [name for name, reason in backend_status().items() if reason is None]
 
 
-def resolve_backend(name: str, device: torch.device):
+def _warn_fallback(device_type: str, reasons: dict[str, str]) -> None:
+    """Once per device type: "auto" runs the reference where a fused backend could have run."""
+    if device_type in _warned_fallback or not reasons:
+        return
+    _warned_fallback.add(device_type)
+    why = "; ".join(f"{name}: {reason}" for name, reason in reasons.items())
+    warnings.warn(
+        f"icl_msr_kernels: backend='auto' falls back to the pure-PyTorch reference on "
+        f"{device_type} tensors, which builds the 2N x 2N similarity matrix (memory grows as N^2 "
+        f"and runs out at large batches). No fused backend is usable: {why}",
+        RuntimeWarning, stacklevel=4)
+
+
+def resolve_backend(name: str, device: torch.device) -> Kernels:
     """The kernels for `name` on `device`; "auto" picks the fastest available one."""
     device_type = device.type
     if name == "auto":
+        reasons: dict[str, str] = {}
         for candidate in _AUTO_ORDER.get(device_type, ("reference",)):
+            if candidate == "reference":
+                break
+            reason = _device_reason(candidate, device_type)
+            if reason is not None:
+                continue  # not meant for this device in this process (e.g. triton on the CPU)
             try:
-                if _device_reason(candidate, device_type) is None:
-                    return load_backend(candidate)
-            except BackendUnavailable:
-                continue
+                return load_backend(candidate)
+            except BackendUnavailable as err:
+                reasons[candidate] = str(err)
+        _warn_fallback(device_type, reasons)
         return load_backend("reference")
     try:
         kernels = load_backend(name)

@@ -3,6 +3,8 @@
 usage: dist_worker.py RANK WORLD PORT OUT_DIR CASE BACKENDS
 CASE "match": per-rank slices of a fixed global batch; saves losses and gradients per config.
 CASE "mismatch": ranks with different batch sizes; saves the error message.
+CASE "lightly": our NTXentLoss and lightly's on the same rank-local views, without and with a
+memory bank (gather_distributed=True); saves both losses, gradients and banks.
 """
 
 import sys
@@ -46,11 +48,42 @@ def loss_and_grads(batch, config, backend, gather):
     return loss.detach(), dict(zip(leaves, grads))
 
 
+def lightly_case(rank: int, backends: list[str]):
+    from lightly.loss import NTXentLoss as LightlyNTXent
+
+    from icl_msr_kernels import NTXentLoss
+
+    results = {}
+    gen = torch.Generator().manual_seed(20 + rank)
+    # float32: lightly's bank is float32 and its einsum refuses float64 embeddings.
+    out0 = torch.randn(PER_RANK, 5, generator=gen)
+    out1 = torch.randn(PER_RANK, 5, generator=gen)
+    for backend in backends:
+        for with_bank in (False, True):
+            size = (8, 5) if with_bank else 0
+            theirs = LightlyNTXent(0.3, memory_bank_size=size, gather_distributed=True)
+            ours = NTXentLoss(0.3, memory_bank_size=size, gather_distributed=True,
+                              backend=backend)
+            if with_bank:
+                ours.memory_bank.bank.copy_(theirs.memory_bank.bank)
+            pair = []
+            for fn in (ours, theirs):
+                leaves = [out0.clone().requires_grad_(), out1.clone().requires_grad_()]
+                loss = fn(*leaves)
+                grads = torch.autograd.grad(loss, leaves)
+                bank = fn.memory_bank.bank.clone() if with_bank else None
+                pair.append((loss.detach(), grads, bank))
+            results[(backend, with_bank)] = tuple(pair)
+    return results
+
+
 def main(rank: int, world: int, port: int, out_dir: str, case: str, backends: list[str]) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
     try:
-        if case == "mismatch":
+        if case == "lightly":
+            torch.save(lightly_case(rank, backends), f"{out_dir}/rank{rank}.pt")
+        elif case == "mismatch":
             z = torch.randn(PER_RANK + rank, 4)
             try:
                 ntxent_loss(z, z.flip(0), gather_distributed=True)

@@ -1,4 +1,4 @@
-"""Shared test machinery: random inputs and the SPEC §5 comparison of a backend with the reference."""
+"""Shared test machinery: random inputs and the docs/math.md §5 comparison of a backend with the reference."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from icl_msr_kernels import icl_msr_loss
 
 PAIRS = [(p, c) for p in ("logit", "mult") for c in ("concat", "add")]
 
-# SPEC §5: (loss relative error, gradient error / max|grad|) per dtype.
+# docs/math.md §5: (loss relative error, gradient error / max|grad|) per dtype.
 TOLERANCES = {torch.float64: (1e-10, 1e-9), torch.float32: (1e-5, 1e-4)}
 # For float16/bfloat16 the budget is the eager reference's own error in that dtype plus this.
 HALF_SLACK = 1e-2
@@ -71,7 +71,7 @@ def relative_errors(parts, grads, ref_parts, ref_grads):
 
 
 def assert_matches_reference(inputs, backend, dtype, **kwargs):
-    """SPEC §5: `backend` run in `dtype` against the reference (float64 master `inputs`)."""
+    """docs/math.md §5: `backend` run in `dtype` against the reference (float64 master `inputs`)."""
     ours = cast(inputs, dtype)
     parts, grads = loss_and_grads(ours, backend, **kwargs)
     for name, value in ours.items():

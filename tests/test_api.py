@@ -44,9 +44,6 @@ def test_ntxent_is_the_base_term():
                                rtol=1e-13, atol=0)
 
 
-def test_ntxent_memory_bank_not_supported():
-    with pytest.raises(NotImplementedError, match="memory_bank_size"):
-        NTXentLoss(memory_bank_size=4096)
 
 
 def test_icl_msr_module_parameters_receive_gradients():
@@ -132,7 +129,6 @@ P = torch.randn(5, 3)
     (dict(temperature=float("nan")), ValueError, "temperature"),
     (dict(temperature="0.1"), TypeError, "temperature must be a float"),
     (dict(temperature=torch.tensor([0.1])), ValueError, "temperature must be a float or a 0-d"),
-    (dict(temperature=torch.tensor(-0.1)), ValueError, "temperature must be a finite value > 0"),
     (dict(temperature=torch.tensor(1)), TypeError, "temperature must have a floating dtype"),
     (dict(attn_temperature=0), ValueError, "attn_temperature must be a finite float > 0"),
     (dict(gamma=-0.1), ValueError, "gamma must be a finite float >= 0"),

@@ -1,4 +1,5 @@
-"""Backend "cpp" (the fused C++ CPU kernels of issue 3) against the reference and SPEC §5."""
+"""Backend "cpp" (the fused C++ CPU kernels): what is specific to it (opcheck, compile, the
+extension's loading, its tile schedule) and its agreement with the reference (docs/math.md §5)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def _ops():
     return torch.ops.icl_msr
 
 
-# --- agreement with the reference (SPEC §5) --------------------------------------------------
+# --- agreement with the reference (docs/math.md §5) --------------------------------------------------
 
 @pytest.mark.parametrize("prior_mode,combine", PAIRS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -42,7 +43,7 @@ def _nonzero_gradients(d: int, k: int, combine: str) -> tuple[str, ...]:
     With D = 1 every row normalises to +-1 (z1, z2 and the prototypes get 0); with K = 1 the prior
     is the constant 1 (prior_logits gets 0) and every c is the one prototype, which in "concat"
     only adds the constant gamma to every logit (the prototypes get 0). Where the exact gradient
-    is 0, both backends return rounding noise, which SPEC's relative tolerance cannot compare.
+    is 0, both backends return rounding noise, which the relative tolerance cannot compare.
     """
     zero = set()
     if d == 1:
@@ -122,9 +123,9 @@ def test_ntxent_matches_reference():
             assert (g - r).abs().max() <= 10 * tol * r.abs().max()
 
 
-@pytest.mark.parametrize("int_mode", ["none", "concat", "add"])
+@pytest.mark.parametrize("combine", ["none", "concat", "add"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
-def test_rectangular_columns_match_reference(int_mode, dtype, tol):
+def test_rectangular_columns_match_reference(combine, dtype, tol):
     """Distributed negatives: rows of one rank against the columns of three (row_offset > 0);
     2 row blocks x 3 column blocks."""
     gen = torch.Generator().manual_seed(7)
@@ -135,12 +136,12 @@ def test_rectangular_columns_match_reference(int_mode, dtype, tol):
 
     a_cols, b_cols = features(cols, 11), features(cols, 5)
     a, b = a_cols[offset:offset + rows].clone(), b_cols[offset:offset + rows].clone()
-    if int_mode == "none":
+    if combine == "none":
         b, b_cols = None, None
     masters = [None if t is None else t.requires_grad_() for t in (a, b, a_cols, b_cols)]
     leaves = [None if t is None else t.detach().to(dtype).requires_grad_() for t in masters]
-    ours = icl.backends.load_backend("cpp").contrastive(*leaves, offset, int_mode)
-    ref = contrastive_losses(*masters, offset, int_mode)
+    ours = icl.backends.load_backend("cpp").contrastive(*leaves, offset, combine)
+    ref = contrastive_losses(*masters, offset, combine)
     for o, r in zip(ours, ref):
         assert abs(o.item() - r.item()) <= tol * max(abs(r.item()), 1e-30)
     weights = (0.6, 1.3)
@@ -189,13 +190,19 @@ def test_double_backward_raises_a_clear_error():
 def test_op_argument_checks():
     a = torch.randn(5, 3)
     with pytest.raises(RuntimeError, match="even number of rows"):
-        _ops().contrastive_forward(a, None, None, None, 0, 0)
+        _ops().contrastive_forward(a, None, None, None, None, 0, "none")
     with pytest.raises(RuntimeError, match="b must be given"):
-        _ops().contrastive_forward(a[:4], None, None, None, 0, 1)
+        _ops().contrastive_forward(a[:4], None, None, None, None, 0, "concat")
     with pytest.raises(RuntimeError, match="row_offset must place"):
-        _ops().contrastive_forward(a[:4], None, a, None, 2, 0)
+        _ops().contrastive_forward(a[:4], None, a, None, None, 2, "none")
+    with pytest.raises(RuntimeError, match="combine must be"):
+        _ops().contrastive_forward(a[:4], None, None, None, None, 0, "cat")
+    with pytest.raises(RuntimeError, match="a_cols must be given with positive_logits"):
+        _ops().contrastive_forward(a, None, None, None, torch.zeros(2, 5), 0, "none")
+    with pytest.raises(RuntimeError, match="positive_logits must have 5"):
+        _ops().contrastive_forward(a, None, a, None, torch.zeros(2, 4), 0, "none")
     with pytest.raises(RuntimeError, match="prior_mode must be"):
-        _ops().attention_forward(a, a, torch.zeros(5), 1.0, 2)
+        _ops().attention_forward(a, a, torch.zeros(5), 1.0, "log")
 
 
 # --- the torch.library contract: opcheck, torch.compile --------------------------------------
@@ -212,7 +219,7 @@ def _op_samples():
     samples = []
     for dtype in (torch.float64, torch.float32, torch.bfloat16):
         x, prototypes, log_prior = t(10, 6, dtype=dtype), t(4, 6, dtype=dtype), t(4, dtype=dtype)
-        for prior_mode in (0, 1):
+        for prior_mode in ("logit", "mult"):
             args = (x.detach().requires_grad_(), prototypes.detach().requires_grad_(),
                     log_prior.detach().requires_grad_(), 2.5, prior_mode)
             samples.append((ops.attention_forward.default, args))
@@ -220,18 +227,22 @@ def _op_samples():
             samples.append((ops.attention_backward.default,
                             (t(10, 6, dtype=dtype), x, prototypes, log_prior, c, lse, 2.5,
                              prior_mode)))
-        for int_mode in (0, 1, 2):
-            a, b = t(8, 5, dtype=dtype), t(8, 3, dtype=dtype) if int_mode else None
+        for combine in ("none", "concat", "add"):
+            with_b = combine != "none"
+            a, b = t(8, 5, dtype=dtype), t(8, 3, dtype=dtype) if with_b else None
             a_cols = torch.cat([t(4, 5, dtype=dtype), a, t(6, 5, dtype=dtype)])
-            b_cols = (torch.cat([t(4, 3, dtype=dtype), b, t(6, 3, dtype=dtype)]) if int_mode
+            b_cols = (torch.cat([t(4, 3, dtype=dtype), b, t(6, 3, dtype=dtype)]) if with_b
                       else None)
-            for cols, offset in (((None, None), 0), ((a_cols, b_cols), 4)):
+            positives = t(2, 8, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+            # in-batch square, distributed columns, memory bank (explicit positives)
+            for cols, pos, offset in (((None, None), None, 0), ((a_cols, b_cols), None, 4),
+                                      ((a_cols, b_cols), positives, 0)):
                 leaves = [None if v is None else v.detach().requires_grad_()
-                          for v in (a, b, *cols)]
-                samples.append((ops.contrastive_forward.default, (*leaves, offset, int_mode)))
-                _, lse = ops.contrastive_forward(a, b, *cols, offset, int_mode)
+                          for v in (a, b, *cols, pos)]
+                samples.append((ops.contrastive_forward.default, (*leaves, offset, combine)))
+                _, lse = ops.contrastive_forward(a, b, *cols, pos, offset, combine)
                 samples.append((ops.contrastive_backward.default,
-                                (t(2, dtype=dtype), a, b, *cols, lse, offset, int_mode)))
+                                (t(2, dtype=dtype), a, b, *cols, pos, lse, offset, combine)))
     return samples
 
 

@@ -1,4 +1,4 @@
-"""Backend "cuda" (issue 5): the CUDA C++ kernels of the icl_msr ops (csrc/cuda).
+"""Backend "cuda": the CUDA C++ kernels of the icl_msr ops (csrc/cuda).
 
 Two groups:
 
@@ -19,7 +19,6 @@ import torch
 
 from helpers import PAIRS, assert_matches_reference, cast, loss_and_grads, make_inputs
 from icl_msr_kernels import ntxent_loss
-from icl_msr_kernels.kernels import INT_MODE_CODES, PRIOR_MODE_CODES
 from icl_msr_kernels.reference import contrastive_losses, prototype_attention, rownorm
 
 HAS_CUDA = torch.cuda.is_available()
@@ -66,7 +65,7 @@ def test_every_cpu_op_has_a_cuda_kernel():
     ops = _icl_msr_ops()
     cpu_ops = [op for op in ops if _has_kernel(op, "CPU")]
     if not cpu_ops:
-        pytest.skip(f"the extension at {path} registers no CPU kernels yet (issue 3)")
+        pytest.skip(f"the extension at {path} registers no CPU kernels")
     if torch.version.cuda is None:
         pytest.skip("torch is a CPU-only build, so the extension is built without CUDA kernels")
     if not _built_with_cuda(path):
@@ -78,7 +77,7 @@ def test_every_cpu_op_has_a_cuda_kernel():
 
 
 # ---------------------------------------------------------------------------------------------
-# Through the public API, against the reference (SPEC §5 tolerances, tests/helpers.py).
+# Through the public API, against the reference (docs/math.md §5 tolerances, tests/helpers.py).
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 # (n, d, k): the helpers' small default, and one that spans several tiles of every kind
@@ -151,15 +150,15 @@ def _features(rows, dim, gen):
 
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-@pytest.mark.parametrize("int_mode", list(INT_MODE_CODES))
+@pytest.mark.parametrize("combine", ["none", "concat", "add"])
 @pytest.mark.parametrize("layout", ["square", "rectangular"])
-def test_contrastive_ops(dtype, int_mode, layout):
+def test_contrastive_ops(dtype, combine, layout):
     """contrastive_forward / _backward against the reference, rows x columns included (the
     distributed-negatives layout: this rank's rows sit at row_offset among the columns)."""
     gen = torch.Generator().manual_seed(5)
     rows, dim_a, dim_b = 70, 33, 20
     a = _features(rows, dim_a, gen)
-    b = _features(rows, dim_b, gen) if int_mode != "none" else None
+    b = _features(rows, dim_b, gen) if combine != "none" else None
     a_cols = b_cols = None
     offset = 0
     if layout == "rectangular":
@@ -168,15 +167,15 @@ def test_contrastive_ops(dtype, int_mode, layout):
         if b is not None:
             b_cols = torch.cat([_features(offset, dim_b, gen), b, _features(rows + 3, dim_b, gen)])
     leaves = [t.cuda().requires_grad_() if t is not None else None for t in (a, b, a_cols, b_cols)]
-    base, inter = contrastive_losses(*leaves, offset, int_mode)
+    base, inter = contrastive_losses(*leaves, offset, combine)
     weights = torch.tensor([1.3, 0.7], dtype=torch.float64, device="cuda")
     present = [t for t in leaves if t is not None]
     ref_grads = torch.autograd.grad(weights[0] * base + weights[1] * inter, present)
 
     args = [t.detach().to(dtype) if t is not None else None for t in leaves]
-    losses, row_lse = _ops().contrastive_forward(*args, offset, INT_MODE_CODES[int_mode])
-    grads = _ops().contrastive_backward(weights.to(losses.dtype), *args, row_lse, offset,
-                                        INT_MODE_CODES[int_mode])
+    losses, row_lse = _ops().contrastive_forward(*args, None, offset, combine)
+    grads = _ops().contrastive_backward(weights.to(losses.dtype), *args, None, row_lse, offset,
+                                        combine)
     loss_tol, grad_tol = (1e-10, 1e-9) if dtype == torch.float64 else (1e-5, 1e-4)
     for got, ref in zip(losses, (base, inter)):
         assert abs(got.item() - ref.item()) <= loss_tol * max(abs(ref.item()), 1e-30)
@@ -192,7 +191,7 @@ def test_contrastive_ops(dtype, int_mode, layout):
 
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-@pytest.mark.parametrize("prior_mode", list(PRIOR_MODE_CODES))
+@pytest.mark.parametrize("prior_mode", ["logit", "mult"])
 @pytest.mark.parametrize("size", [(7, 5, 3), (150, 70, 130)],
                          ids=lambda s: "b{}-d{}-k{}".format(*s))
 def test_attention_ops(dtype, prior_mode, size):
@@ -207,9 +206,8 @@ def test_attention_ops(dtype, prior_mode, size):
     ref_grads = torch.autograd.grad(c_ref, (x, p, log_prior), grad_c)
 
     args = [t.detach().to(dtype) for t in (x, p, log_prior)]
-    c, row_lse = _ops().attention_forward(*args, 10.0, PRIOR_MODE_CODES[prior_mode])
-    grads = _ops().attention_backward(grad_c.to(dtype), *args, c, row_lse, 10.0,
-                                      PRIOR_MODE_CODES[prior_mode])
+    c, row_lse = _ops().attention_forward(*args, 10.0, prior_mode)
+    grads = _ops().attention_backward(grad_c.to(dtype), *args, c, row_lse, 10.0, prior_mode)
     tol = 1e-10 if dtype == torch.float64 else 1e-5
     assert c.dtype == dtype
     assert (c.double() - c_ref).abs().max() <= tol * c_ref.abs().max()
@@ -223,18 +221,18 @@ def _sample_args(device="cuda", dtype=torch.float32):
     gen = torch.Generator().manual_seed(7)
     rand = lambda *s: torch.randn(*s, generator=gen, dtype=dtype).to(device)  # noqa: E731
     x, p, lp = rand(10, 7), rand(4, 7), torch.log_softmax(rand(4), 0)
-    c, row_lse = _ops().attention_forward(x, p, lp, 10.0, 0)
+    c, row_lse = _ops().attention_forward(x, p, lp, 10.0, "logit")
     a, b, a_cols, b_cols = rand(8, 7), rand(8, 5), rand(20, 7), rand(20, 5)
     g = torch.tensor([1.0, 0.5], dtype=torch.float32, device=device)
-    _, lse_sq = _ops().contrastive_forward(a, b, None, None, 0, 1)
-    _, lse_rect = _ops().contrastive_forward(a, b, a_cols, b_cols, 6, 2)
+    _, lse_sq = _ops().contrastive_forward(a, b, None, None, None, 0, "concat")
+    _, lse_rect = _ops().contrastive_forward(a, b, a_cols, b_cols, None, 6, "add")
     return [
-        ("attention_forward", (x, p, lp, 10.0, 0)),
-        ("attention_backward", (rand(10, 7), x, p, lp, c, row_lse, 10.0, 1)),
-        ("contrastive_forward", (a, b, None, None, 0, 1)),
-        ("contrastive_forward", (a, b, a_cols, b_cols, 6, 2)),
-        ("contrastive_backward", (g, a, b, None, None, lse_sq, 0, 1)),
-        ("contrastive_backward", (g, a, b, a_cols, b_cols, lse_rect, 6, 2)),
+        ("attention_forward", (x, p, lp, 10.0, "logit")),
+        ("attention_backward", (rand(10, 7), x, p, lp, c, row_lse, 10.0, "mult")),
+        ("contrastive_forward", (a, b, None, None, None, 0, "concat")),
+        ("contrastive_forward", (a, b, a_cols, b_cols, None, 6, "add")),
+        ("contrastive_backward", (g, a, b, None, None, None, lse_sq, 0, "concat")),
+        ("contrastive_backward", (g, a, b, a_cols, b_cols, None, lse_rect, 6, "add")),
     ]
 
 
@@ -250,21 +248,21 @@ def test_bad_input_errors():
     ops = _ops()
     a = torch.randn(8, 5, device="cuda")
     with pytest.raises(RuntimeError, match="a must have a positive, even number of rows"):
-        ops.contrastive_forward(a[:7], None, None, None, 0, 0)
+        ops.contrastive_forward(a[:7], None, None, None, None, 0, "none")
     with pytest.raises(RuntimeError, match="b must be given"):
-        ops.contrastive_forward(a, None, None, None, 0, 1)
+        ops.contrastive_forward(a, None, None, None, None, 0, "concat")
     with pytest.raises(RuntimeError, match="b must have the dtype of a"):
-        ops.contrastive_forward(a, a.double(), None, None, 0, 1)
+        ops.contrastive_forward(a, a.double(), None, None, None, 0, "concat")
     with pytest.raises(RuntimeError, match="row_offset must place"):
-        ops.contrastive_forward(a, None, torch.randn(10, 5, device="cuda"), None, 4, 0)
-    with pytest.raises(RuntimeError, match="int_mode must be"):
-        ops.contrastive_forward(a, None, None, None, 0, 3)
+        ops.contrastive_forward(a, None, torch.randn(10, 5, device="cuda"), None, None, 4, "none")
+    with pytest.raises(RuntimeError, match="combine must be"):
+        ops.contrastive_forward(a, None, None, None, None, 0, "cat")
     x, p, lp = torch.randn(6, 5, device="cuda"), torch.randn(3, 5, device="cuda"), torch.zeros(3)
     with pytest.raises(RuntimeError, match="log_prior must be on"):
-        ops.attention_forward(x, p, lp, 10.0, 0)
+        ops.attention_forward(x, p, lp, 10.0, "logit")
     with pytest.raises(RuntimeError, match="prototypes must have 5 features"):
-        ops.attention_forward(x, p[:, :4], lp.cuda(), 10.0, 0)
+        ops.attention_forward(x, p[:, :4], lp.cuda(), 10.0, "logit")
     with pytest.raises(RuntimeError, match="prior_mode must be"):
-        ops.attention_forward(x, p, lp.cuda(), 10.0, 2)
+        ops.attention_forward(x, p, lp.cuda(), 10.0, "log")
     with pytest.raises(RuntimeError, match="inv_attn_temperature must be finite"):
-        ops.attention_forward(x, p, lp.cuda(), float("inf"), 0)
+        ops.attention_forward(x, p, lp.cuda(), float("inf"), "logit")

@@ -1,4 +1,4 @@
-"""Distributed negatives (SPEC §6) with real gloo processes on loopback."""
+"""Distributed negatives (docs/math.md §6) with real gloo processes on loopback."""
 
 import os
 import socket
@@ -52,7 +52,7 @@ def test_ranks_reproduce_single_process_training(world, tmp_path):
             torch.testing.assert_close(mean_loss, want_loss, rtol=1e-10, atol=0, msg=where)
             for rank, (_, grads) in enumerate(results):
                 rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
-                for view in ("z1", "z2"):  # SPEC §6: W times the global-batch gradient
+                for view in ("z1", "z2"):  # docs/math.md §6: W times the global-batch gradient
                     torch.testing.assert_close(grads[view], world * want[view][rows], rtol=1e-9,
                                                atol=1e-12, msg=f"{where} {view} rank {rank}")
             for name in want:  # parameters: DDP's average over ranks
@@ -69,14 +69,30 @@ def test_mismatched_batch_shapes_raise_on_every_rank(tmp_path):
         assert "same batch shape" in message and "rank 1: 8 rows" in message
 
 
-def test_gather_without_process_group_raises():
-    z = torch.randn(3, 4)
-    with pytest.raises(RuntimeError, match="init_process_group"):
-        icl.ntxent_loss(z, z.flip(0), gather_distributed=True)
-    with pytest.raises(RuntimeError, match="init_process_group"):
-        icl.icl_msr_loss(z, z.flip(0), torch.randn(2, 4), gather_distributed=True)
-    with pytest.raises(RuntimeError, match="init_process_group"):
-        icl.NTXentLoss(gather_distributed=True)(z, z)
+def test_gather_without_process_group_is_the_local_loss():
+    # lightly's and OpenCLIP's convention: the same script runs on one device and on many.
+    gen = torch.Generator().manual_seed(3)
+    z1, z2 = torch.randn(3, 4, generator=gen), torch.randn(3, 4, generator=gen)
+    prototypes = torch.randn(2, 4, generator=gen)
+    for backend in CPU_BACKENDS:
+        for fn, args in ((icl.ntxent_loss, (z1, z2)),
+                         (icl.icl_msr_loss, (z1, z2, prototypes)),
+                         (icl.icl_msr_regularizer, (z1, z2, prototypes))):
+            assert torch.equal(fn(*args, gather_distributed=True, backend=backend),
+                               fn(*args, backend=backend))
+        for module in (icl.NTXentLoss(backend=backend),
+                       icl.ICLMSRLoss(4, 2, backend=backend),
+                       icl.ICLMSRRegularizer(4, 2, backend=backend)):
+            gathered = type(module)(**_same_settings(module), gather_distributed=True)
+            gathered.load_state_dict(module.state_dict())
+            assert torch.equal(gathered(z1, z2), module(z1, z2))
+
+
+def _same_settings(module):
+    if isinstance(module, icl.NTXentLoss):
+        return dict(temperature=module.temperature, backend=module.backend)
+    dim, k = module.prototypes.shape[1], module.prototypes.shape[0]
+    return dict(dim=dim, num_prototypes=k, backend=module.backend)
 
 
 def test_ddp_example_trains_under_torchrun():

@@ -1,4 +1,4 @@
-"""The reference against SPEC: a deliberately naive loop computation, properties, gradcheck."""
+"""The reference against docs/math.md: a deliberately naive loop computation, properties, gradcheck."""
 
 import math
 
@@ -12,7 +12,7 @@ from helpers import PAIRS, make_inputs
 
 
 def naive_icl_msr(z1, z2, prototypes, prior_logits, tau, tau_a, gamma, lam, prior_mode, combine):
-    """SPEC §2 in plain Python floats, one row at a time (independent of torch's ops)."""
+    """docs/math.md §2 in plain Python floats, one row at a time (independent of torch's ops)."""
     def norm(v):
         length = max(math.sqrt(sum(t * t for t in v)), 1e-12)
         return [t / length for t in v]

@@ -1,4 +1,4 @@
-"""Backend "triton" (issue 4) against the reference, on the GPU and under the Triton interpreter.
+"""Backend "triton" against the reference, on the GPU and under the Triton interpreter.
 
 Four groups:
 
@@ -55,7 +55,7 @@ def cuda(test):
 INTERPRETER_TIMEOUT_S = 170
 
 
-def _contrastive_case(dtype, int_mode, device="cpu", rows=6, dim=7, ranks=3, rank=1, seed=0):
+def _contrastive_case(dtype, combine, device="cpu", rows=6, dim=7, ranks=3, rank=1, seed=0):
     """Features of `rows` local rows on rank `rank` of `ranks` (float64 masters, requiring grad):
     (a, b, a_cols, b_cols, row_offset), b and b_cols None for "none"."""
     gen = torch.Generator().manual_seed(seed)
@@ -69,33 +69,33 @@ def _contrastive_case(dtype, int_mode, device="cpu", rows=6, dim=7, ranks=3, ran
     a_all, b_all = feats(rows * ranks), feats(rows * ranks)
     offset = rank * rows
     a, a_cols = leaf(a_all[offset:offset + rows].clone()), leaf(a_all)
-    if int_mode == "none":
+    if combine == "none":
         return a, None, a_cols, None, offset
     return a, leaf(b_all[offset:offset + rows].clone()), a_cols, leaf(b_all), offset
 
 
-def _contrastive_parts_and_grads(fn, case, int_mode):
+def _contrastive_parts_and_grads(fn, case, combine):
     """(L_base, L_int) of fn on `case` and the gradients of L_base + 0.7 L_int."""
     a, b, a_cols, b_cols, offset = case
-    base, inter = fn(a, b, a_cols, b_cols, offset, int_mode)
+    base, inter = fn(a, b, a_cols, b_cols, offset, combine)
     leaves = {n: t for n, t in zip(("a", "b", "a_cols", "b_cols"), (a, b, a_cols, b_cols))
               if t is not None}
     grads = torch.autograd.grad(base + 0.7 * inter, list(leaves.values()))
     return [base.detach(), inter.detach()], dict(zip(leaves, grads))
 
 
-def assert_contrastive_matches_reference(dtype, int_mode, device="cpu", **shape):
+def assert_contrastive_matches_reference(dtype, combine, device="cpu", **shape):
     """Distributed-style columns (rows of every rank, this rank's at row_offset): the kernels in
-    `dtype` against the float64 reference, with SPEC §5's float32/float64 tolerances."""
-    master = _contrastive_case(torch.float64, int_mode, device, **shape)
+    `dtype` against the float64 reference, with docs/math.md §5's float32/float64 tolerances."""
+    master = _contrastive_case(torch.float64, combine, device, **shape)
     ours_case = tuple(t.detach().to(dtype).requires_grad_(True) if isinstance(t, torch.Tensor)
                       else t for t in master)
     kernels = load_backend("triton")
-    parts, grads = _contrastive_parts_and_grads(kernels.contrastive, ours_case, int_mode)
-    ref_parts, ref_grads = _contrastive_parts_and_grads(reference_contrastive, master, int_mode)
+    parts, grads = _contrastive_parts_and_grads(kernels.contrastive, ours_case, combine)
+    ref_parts, ref_grads = _contrastive_parts_and_grads(reference_contrastive, master, combine)
     for name, g in grads.items():
         assert g.dtype == dtype, f"grad of {name} is {g.dtype}"
-    if int_mode == "none":  # L_int is an exact zero: compare L_base only
+    if combine == "none":  # L_int is an exact zero: compare L_base only
         parts, ref_parts = parts[:1], ref_parts[:1]
     loss_tol, grad_tol = TOLERANCES[dtype]
     loss_err, grad_err = relative_errors(parts, grads, ref_parts, ref_grads)
@@ -188,11 +188,11 @@ def test_ntxent_loss():
 
 @interp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=lambda d: str(d)[6:])
-@pytest.mark.parametrize("int_mode", ["concat", "add", "none"])
-def test_distributed_columns(dtype, int_mode):
+@pytest.mark.parametrize("combine", ["concat", "add", "none"])
+def test_distributed_columns(dtype, combine):
     # Rows of rank 1 of 3 against every rank's rows: the row- and column-owned sweeps.
-    assert_contrastive_matches_reference(dtype, int_mode)
-    assert_contrastive_matches_reference(dtype, int_mode, rows=10, dim=37, ranks=2, rank=0)
+    assert_contrastive_matches_reference(dtype, combine)
+    assert_contrastive_matches_reference(dtype, combine, rows=10, dim=37, ranks=2, rank=0)
 
 
 @interp
@@ -327,7 +327,8 @@ def _compile_for(kernel, arch: int, dtype: str, consts: dict, config):
             signature[name] = "constexpr"
         elif name == "lp_ptr":
             signature[name] = "*" + (accum if dtype in ("fp32", "fp64") else "fp32")
-        elif name in ("lse_ptr", "pos_ptr", "delta_ptr", "grad_ptr", "dp_ptr", "dlp_ptr"):
+        elif name in ("lse_ptr", "pos_ptr", "delta_ptr", "grad_ptr", "dp_ptr", "dlp_ptr",
+                      "inv_tau_ptr"):
             signature[name] = "*" + accum
         elif name.endswith("_ptr"):
             signature[name] = "*" + dtype
@@ -368,8 +369,12 @@ def test_kernels_compile_for_gpu(arch, dtype, precision, smem):
     fwd_d, bwd_d = (d_blocking(1 << 20, backward, torch_dtype, precision)[0]
                     for backward in (False, True))
     common = dict(FP64=False, PREC=precision, ONE_D=True)
-    cases = [(contrastive._fwd, dict(INT_MODE=1, BLOCK_D=fwd_d)),
-             (contrastive._bwd, dict(INT_MODE=1, OWNER_ROWS=True, SWEPT_ROWS=True, BLOCK_D=bwd_d)),
+    cases = [(contrastive._fwd, dict(INT_MODE=1, EXPLICIT_POS=False, BLOCK_D=fwd_d)),
+             (contrastive._fwd, dict(INT_MODE=1, EXPLICIT_POS=True, BLOCK_D=fwd_d)),
+             (contrastive._bwd, dict(INT_MODE=1, OWNER_ROWS=True, SWEPT_ROWS=True,
+                                     EXPLICIT_POS=False, BLOCK_D=bwd_d)),
+             (contrastive._bwd, dict(INT_MODE=1, OWNER_ROWS=True, SWEPT_ROWS=False,
+                                     EXPLICIT_POS=True, BLOCK_D=bwd_d)),
              (attention._fwd, dict(MULT=True, BLOCK_D=fwd_d)),
              (attention._bwd_rows, dict(MULT=True, BLOCK_D=bwd_d)),
              (attention._bwd_protos, dict(MULT=True, BLOCK_D=bwd_d))]
@@ -424,9 +429,9 @@ def test_cuda_autotuned():
 
 @cuda
 @pytest.mark.usefixtures("default_tiles")
-@pytest.mark.parametrize("int_mode", ["concat", "add", "none"])
-def test_cuda_distributed_columns(int_mode):
-    assert_contrastive_matches_reference(torch.float32, int_mode, "cuda", rows=130, dim=70,
+@pytest.mark.parametrize("combine", ["concat", "add", "none"])
+def test_cuda_distributed_columns(combine):
+    assert_contrastive_matches_reference(torch.float32, combine, "cuda", rows=130, dim=70,
                                          ranks=3, rank=2)
 
 

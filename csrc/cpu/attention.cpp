@@ -1,5 +1,5 @@
-// Prototype attention on the CPU: icl_msr::attention_forward / attention_backward (SPEC steps
-// 4-6 and §3; schemas in csrc/ops.cpp).
+// Prototype attention on the CPU: icl_msr::attention_forward / attention_backward (docs/math.md
+// §2 steps 4-6 and §3; schemas in csrc/ops.cpp).
 //
 // A flash-attention with the rows of x as queries and the K prototypes as keys and values, over
 // row blocks that each hold their (rows x K) scores (K is at most a few thousand): one BLAS
@@ -34,14 +34,15 @@ struct Attention {
 };
 
 Attention prepare(const at::Tensor& x, const at::Tensor& prototypes, const at::Tensor& log_prior,
-                  double inv_attn_temperature, int64_t prior_mode) {
+                  double inv_attn_temperature, c10::string_view prior_mode) {
   TORCH_CHECK(x.device().is_cpu(), "x must be a CPU tensor for the CPU kernels, got one on ",
               x.device());
-  check_attention_args(x, prototypes, log_prior, inv_attn_temperature, prior_mode);
+  const PriorMode mode =
+      check_attention_args(x, prototypes, log_prior, inv_attn_temperature, prior_mode);
   const auto acc = accum_dtype(x.scalar_type());
   return {to_acc(x, acc),        to_acc(prototypes, acc),
           to_acc(log_prior, acc), x.size(0),
-          prototypes.size(0),    static_cast<PriorMode>(prior_mode),
+          prototypes.size(0),    mode,
           inv_attn_temperature};
 }
 
@@ -83,7 +84,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& x,
                                                      const at::Tensor& prototypes,
                                                      const at::Tensor& log_prior,
                                                      double inv_attn_temperature,
-                                                     int64_t prior_mode) {
+                                                     c10::string_view prior_mode) {
   const Attention p = prepare(x, prototypes, log_prior, inv_attn_temperature, prior_mode);
   at::Tensor c = at::empty_like(p.x);
   at::Tensor row_lse = at::empty({p.rows}, p.x.options());
@@ -143,7 +144,7 @@ void backward_impl(const Attention& p, const at::Tensor& grad_c, const at::Tenso
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor& grad_c, const at::Tensor& x, const at::Tensor& prototypes,
     const at::Tensor& log_prior, const at::Tensor& c, const at::Tensor& row_lse,
-    double inv_attn_temperature, int64_t prior_mode) {
+    double inv_attn_temperature, c10::string_view prior_mode) {
   const Attention p = prepare(x, prototypes, log_prior, inv_attn_temperature, prior_mode);
   check_attention_backward_args(grad_c, c, row_lse, x);
   const auto acc = p.x.scalar_type();

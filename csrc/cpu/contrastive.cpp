@@ -1,5 +1,5 @@
 // Fused NT-Xent of both terms on the CPU: icl_msr::contrastive_forward / contrastive_backward
-// (SPEC steps 7-8, §3-4; schemas in csrc/ops.cpp).
+// (docs/math.md §2 steps 7-8, §3-4; schemas in csrc/ops.cpp).
 //
 // Features arrive pre-scaled by 1/sqrt(tau), so a tile's products are the logits themselves:
 // base = a_i a_jᵀ and the interventional logits ("concat": base + b_i b_jᵀ, "add": b_i b_jᵀ).
@@ -11,15 +11,18 @@
 // Square mode (a_cols None, the single-process case) uses the symmetry of the logits: a tile
 // (i, j) of row blocks is computed once for the unordered pair {i, j}. Its rows feed the
 // statistics of block i and its columns those of block j; in the backward its coefficients are
-// G_ij + G_jiᵀ (each row's softmax with its own lse, SPEC §3), which give dA_i += T A_j and
+// G_ij + G_jiᵀ (each row's softmax with its own lse, docs/math.md §3), which give dA_i += T A_j and
 // dA_j += Tᵀ A_i. The pairs are visited in rounds in which no block appears twice (a round-robin
 // schedule), so the tasks of a round write disjoint rows: no atomics, and every row accumulates
 // its contributions in an order fixed by the schedule, not by the threads (bit-identical
 // results from run to run).
 //
-// Rectangular mode (a_cols given: rows on this rank, columns gathered from all ranks) has no
-// symmetry to use: the forward and the row gradients sweep row blocks over all column blocks, and
-// a second sweep over column blocks produces the column gradients, again without atomics.
+// Rectangular mode (a_cols given: rows on this rank, columns gathered from all ranks, or the
+// negatives of a memory bank) has no symmetry to use: the forward and the row gradients sweep row
+// blocks over all column blocks, and a second sweep over column blocks produces the column
+// gradients, again without atomics. With explicit positive logits (memory-bank mode) no column is
+// masked or positive: each row's positive is one extra logit that starts its running
+// log-sum-exp, and the gradient of that logit is taken in Python (kernels/ops.py).
 #include <torch/library.h>
 
 #include <algorithm>
@@ -45,27 +48,33 @@ constexpr int64_t kBlockRows = 512;
 // rows themselves (a_cols, b_cols alias a, b).
 struct Contrastive {
   at::Tensor a, b, a_cols, b_cols;
+  at::Tensor positive_logits;  // (2, rows), defined in memory-bank mode
   int64_t rows = 0, cols = 0, row_offset = 0;
-  IntMode mode = kIntNone;
+  Combine mode = kCombineNone;
   bool square = true;
-  bool has_int() const { return mode != kIntNone; }
+  bool explicit_positive = false;
+  bool has_int() const { return mode != kCombineNone; }
   int64_t terms() const { return has_int() ? 2 : 1; }
 };
 
 Contrastive prepare(const at::Tensor& a, const std::optional<at::Tensor>& b,
                     const std::optional<at::Tensor>& a_cols,
-                    const std::optional<at::Tensor>& b_cols, int64_t row_offset,
-                    int64_t int_mode) {
+                    const std::optional<at::Tensor>& b_cols,
+                    const std::optional<at::Tensor>& positive_logits, int64_t row_offset,
+                    c10::string_view combine) {
   TORCH_CHECK(a.device().is_cpu(), "a must be a CPU tensor for the CPU kernels, got one on ",
               a.device());
-  const ContrastiveShape shape = check_contrastive_args(a, b, a_cols, b_cols, row_offset, int_mode);
+  const ContrastiveShape shape =
+      check_contrastive_args(a, b, a_cols, b_cols, positive_logits, row_offset, combine);
   const auto acc = accum_dtype(a.scalar_type());
   Contrastive p;
-  p.mode = static_cast<IntMode>(int_mode);
+  p.mode = shape.combine;
   p.rows = shape.rows;
   p.cols = shape.cols;
   p.row_offset = row_offset;
   p.square = shape.square;
+  p.explicit_positive = shape.explicit_positive;
+  if (p.explicit_positive) p.positive_logits = to_acc(*positive_logits, acc);
   p.a = to_acc(a, acc);
   if (shape.uses_b) p.b = to_acc(*b, acc);
   if (p.square) {
@@ -151,7 +160,7 @@ void compute_logits(const Contrastive& p, Block ri, Block cj, Tile<T>& tile) {
   if (!p.has_int()) return;
   const auto b_i = p.b.narrow(0, ri.begin, ri.size);
   const auto b_j = p.b_cols.narrow(0, cj.begin, cj.size);
-  if (p.mode == kIntConcat) {
+  if (p.mode == kCombineConcat) {
     at::addmm_out(tile.inter, tile.base, b_i, b_j.t());
   } else {
     at::mm_out(tile.inter, b_i, b_j.t());
@@ -163,6 +172,7 @@ void compute_logits(const Contrastive& p, Block ri, Block cj, Tile<T>& tile) {
 // tile also stands for its transpose, column cj.begin + c's positive row.
 template <typename F>
 void for_each_positive(const Contrastive& p, Block ri, Block cj, const F& f) {
+  if (p.explicit_positive) return;  // the positives are not among the columns
   for (int64_t r = 0; r < ri.size; ++r) {
     const int64_t c = positive_column(ri.begin + r, p.rows, p.row_offset) - cj.begin;
     if (c >= 0 && c < cj.size) f(r, c, ri.begin + r);
@@ -177,6 +187,7 @@ void for_each_positive(const Contrastive& p, Block ri, Block cj, const F& f) {
 // Calls f(r, c) for each tile entry that is a row's own (excluded) column.
 template <typename F>
 void for_each_self(const Contrastive& p, Block ri, Block cj, const F& f) {
+  if (p.explicit_positive) return;  // the rows are not among the columns
   for (int64_t r = 0; r < ri.size; ++r) {
     const int64_t c = self_column(ri.begin + r, p.row_offset) - cj.begin;
     if (c >= 0 && c < cj.size) f(r, c);
@@ -300,7 +311,7 @@ void merge_tile_stats(const T* s, int64_t rows, int64_t cols, T bound, Tile<T>& 
 }
 
 // Turns a logit tile, in place, into its NT-Xent gradient coefficients without the positive and
-// self corrections: scale * exp(s - lse_row) (the anchor rows' softmax, SPEC §3), plus
+// self corrections: scale * exp(s - lse_row) (the anchor rows' softmax, docs/math.md §3), plus
 // scale * exp(s - lse_col) when kCols (square mode: the transposed tile's softmax), plus add[]
 // when kAdd ("concat": the interventional coefficients of the same entries).
 template <typename T, bool kCols, bool kAdd>
@@ -395,7 +406,7 @@ void gradient_tile(const Contrastive& p, Block ri, Block cj, Tile<T>& tile, cons
     term_coefficients<T>(p, ri, cj, inter, row_lse + p.rows, scale[1], nullptr, tile);
   }
   term_coefficients<T>(p, ri, cj, base, row_lse, scale[0],
-                       p.mode == kIntConcat ? inter : nullptr, tile);
+                       p.mode == kCombineConcat ? inter : nullptr, tile);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -405,7 +416,13 @@ template <typename T>
 void forward_impl(const Contrastive& p, T* losses, T* row_lse) {
   const int64_t rows = p.rows;
   // Per term t (0 base, 1 interventional), entries t * rows + row.
+  // The running statistics are the negatives' only: the positive is merged in at the end
+  // (ntxent_row_term).
   std::vector<T> run_max(2 * rows, neg_inf<T>()), run_sum(2 * rows, T(0)), pos(2 * rows, T(0));
+  if (p.explicit_positive) {
+    const T* given = p.positive_logits.data_ptr<T>();
+    std::copy(given, given + 2 * rows, pos.begin());
+  }
 
   // A bound on the logits of a tile, from the features' row norms (Cauchy-Schwarz).
   auto norms = [](const at::Tensor& x) {
@@ -422,7 +439,7 @@ void forward_impl(const Contrastive& p, T* losses, T* row_lse) {
     const T base = max_norm(norm_a, ri) * max_norm(norm_a_cols, cj);
     if (term == 0) return base;
     const T second = max_norm(norm_b, ri) * max_norm(norm_b_cols, cj);
-    return p.mode == kIntConcat ? base + second : second;
+    return p.mode == kCombineConcat ? base + second : second;
   };
 
   // Merges tile (ri, cj) into the statistics; with_cols for the square pair tiles i != j.
@@ -431,9 +448,13 @@ void forward_impl(const Contrastive& p, T* losses, T* row_lse) {
     for (int64_t t = 0; t < p.terms(); ++t) {
       T* s = (t == 0 ? tile.base : tile.inter).template data_ptr<T>();
       const int64_t o = t * rows;
-      // The positive logits are read before the self logits are masked out.
+      // The positive logits are read, then masked out with the self logits. (In square mode an
+      // entry is row r's positive exactly when it is column c's, so one mask serves both.)
       for_each_positive(p, ri, cj, [&](int64_t r, int64_t c, int64_t anchor) {
         pos[o + anchor] = s[r * cj.size + c];
+      });
+      for_each_positive(p, ri, cj, [&](int64_t r, int64_t c, int64_t) {
+        s[r * cj.size + c] = neg_inf<T>();
       });
       for_each_self(p, ri, cj, [&](int64_t r, int64_t c) { s[r * cj.size + c] = neg_inf<T>(); });
       const RunningLse<T> row_stats{&run_max[o + ri.begin], &run_sum[o + ri.begin]};
@@ -470,22 +491,23 @@ void forward_impl(const Contrastive& p, T* losses, T* row_lse) {
   for (int64_t t = 0; t < p.terms(); ++t) {
     double total = 0;
     for (int64_t r = 0; r < rows; ++r) {
-      const T lse = lse_finish(run_max[t * rows + r], run_sum[t * rows + r]);
-      row_lse[t * rows + r] = lse;
-      total += static_cast<double>(lse) - static_cast<double>(pos[t * rows + r]);
+      const int64_t i = t * rows + r;
+      const T term = ntxent_row_term(lse_finish(run_max[i], run_sum[i]), pos[i]);
+      row_lse[i] = pos[i] + term;
+      total += static_cast<double>(term);
     }
     losses[t] = static_cast<T>(total / static_cast<double>(rows));
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> contrastive_forward(const at::Tensor& a,
-                                                       const std::optional<at::Tensor>& b,
-                                                       const std::optional<at::Tensor>& a_cols,
-                                                       const std::optional<at::Tensor>& b_cols,
-                                                       int64_t row_offset, int64_t int_mode) {
-  const Contrastive p = prepare(a, b, a_cols, b_cols, row_offset, int_mode);
+std::tuple<at::Tensor, at::Tensor> contrastive_forward(
+    const at::Tensor& a, const std::optional<at::Tensor>& b,
+    const std::optional<at::Tensor>& a_cols, const std::optional<at::Tensor>& b_cols,
+    const std::optional<at::Tensor>& positive_logits, int64_t row_offset,
+    c10::string_view combine) {
+  const Contrastive p = prepare(a, b, a_cols, b_cols, positive_logits, row_offset, combine);
   const auto opts = p.a.options();
-  // Zeros: the interventional entries stay 0 when int_mode is 0.
+  // Zeros: the interventional entries stay 0 when combine is "none".
   at::Tensor losses = at::zeros({2}, opts), row_lse = at::zeros({2, p.rows}, opts);
   AT_DISPATCH_FLOATING_TYPES(p.a.scalar_type(), "icl_msr::contrastive_forward", [&] {
     forward_impl<scalar_t>(p, losses.data_ptr<scalar_t>(), row_lse.data_ptr<scalar_t>());
@@ -557,8 +579,9 @@ void backward_impl(const Contrastive& p, const T* row_lse, const T* scale, at::T
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_backward(
     const at::Tensor& grad_losses, const at::Tensor& a, const std::optional<at::Tensor>& b,
     const std::optional<at::Tensor>& a_cols, const std::optional<at::Tensor>& b_cols,
-    const at::Tensor& row_lse, int64_t row_offset, int64_t int_mode) {
-  const Contrastive p = prepare(a, b, a_cols, b_cols, row_offset, int_mode);
+    const std::optional<at::Tensor>& positive_logits, const at::Tensor& row_lse,
+    int64_t row_offset, c10::string_view combine) {
+  const Contrastive p = prepare(a, b, a_cols, b_cols, positive_logits, row_offset, combine);
   const auto acc = p.a.scalar_type();
   check_contrastive_backward_args(grad_losses, row_lse, a);
   const at::Tensor lse = to_acc(row_lse, acc);
@@ -579,7 +602,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_backward(
   });
 
   // In the inputs' dtypes; an input that was None gets an empty gradient, one that was given
-  // but not read (b with int_mode 0) a zero gradient.
+  // but not read (b with combine "none") a zero gradient.
   auto result = [&](const at::Tensor& grad, const std::optional<at::Tensor>& input) {
     if (!input.has_value()) return at::empty({0}, a.options());
     return grad.defined() ? like_input(grad, *input) : at::zeros_like(*input);

@@ -1,4 +1,4 @@
-// Prototype attention (SPEC steps 4-6, §3) on CUDA: icl_msr::attention_forward and
+// Prototype attention (docs/math.md §2 steps 4-6, §3) on CUDA: icl_msr::attention_forward and
 // icl_msr::attention_backward, a flash attention with the B rows of x as queries and the K
 // prototypes as keys = values, tiled over K (see tile_kernels.cuh). No B x K matrix is stored:
 // the forward saves each row's log-sum-exp and the backward recomputes the score tiles.
@@ -215,15 +215,25 @@ __global__ void __launch_bounds__(kThreads) attention_backward_prototypes_kernel
   if (k < num_prototypes && tile_lane() == 0) slab_prior[split * num_prototypes + k] = prior_grad;
 }
 
+// 2^ceil(log2 m) of a 0-d tensor m > 0, exactly (as in contrastive.cu): frexp gives
+// m = mant 2^e with mant in [0.5, 1), and m / mant = 2^e is exact. Scaling by a power of two is
+// exact in every dtype (short of underflow), so float32/float64 results stay bit-identical.
+// Tensor ops on the device: reading m on the host would synchronise with the stream.
+at::Tensor pow2_at_least(const at::Tensor& m) {
+  const at::Tensor mant = std::get<0>(at::frexp(m));
+  return at::where(mant == 0.5, m, m / mant);
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& x_in,
                                                      const at::Tensor& prototypes_in,
                                                      const at::Tensor& log_prior_in,
                                                      double inv_attn_temperature,
-                                                     int64_t prior_mode) {
+                                                     c10::string_view prior_mode_name) {
   const AttentionInputs in =
-      check_attention(x_in, prototypes_in, log_prior_in, inv_attn_temperature, prior_mode);
+      check_attention(x_in, prototypes_in, log_prior_in, inv_attn_temperature, prior_mode_name);
+  const int64_t prior_mode = in.prior_mode;
   const c10::cuda::CUDAGuard guard(in.x.device());
   const auto acc_options = in.x.options().dtype(accum_dtype(in.x.scalar_type()));
   at::Tensor row_lse = at::empty({in.rows}, acc_options);
@@ -251,9 +261,10 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& x_in,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor& grad_c_in, const at::Tensor& x_in, const at::Tensor& prototypes_in,
     const at::Tensor& log_prior_in, const at::Tensor& c_in, const at::Tensor& row_lse_in,
-    double inv_attn_temperature, int64_t prior_mode) {
+    double inv_attn_temperature, c10::string_view prior_mode_name) {
   const AttentionInputs in =
-      check_attention(x_in, prototypes_in, log_prior_in, inv_attn_temperature, prior_mode);
+      check_attention(x_in, prototypes_in, log_prior_in, inv_attn_temperature, prior_mode_name);
+  const int64_t prior_mode = in.prior_mode;
   check_attention_backward_args(grad_c_in, c_in, row_lse_in, x_in);
   const c10::cuda::CUDAGuard guard(in.x.device());
   const auto acc = accum_dtype(in.x.scalar_type());
@@ -263,11 +274,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
     return {at::zeros_like(x_in), at::zeros_like(prototypes_in), at::zeros_like(log_prior_in)};
 
   // The kernels read features as stored (x's dtype) and statistics in the accumulation dtype.
-  const at::Tensor grad_c = grad_c_in.to(in.x.scalar_type()).contiguous();
+  // Scale before casting down: a loss scaler's 2^16 in dC would overflow float16 here and in the
+  // dE coefficients the kernels store in x's dtype. They get dC / grad_scale instead, grad_scale
+  // the power of two at or above max |dC|, so that |dC| <= 1 and the coefficients inv_t dE they
+  // store stay within inv_t 2 sqrt(D) max|P_k| (W <= 1, |dC_a| <= sqrt(D)); every output is
+  // linear in dC (delta too, computed from the same scaled dC) and is multiplied back by
+  // grad_scale. A power of two scales exactly, so float32/float64 results are unchanged; the
+  // floor keeps dC = 0 finite.
+  const at::Tensor grad_c_acc = grad_c_in.to(acc);
+  const at::Tensor grad_scale = pow2_at_least(
+      (grad_c_acc.numel() > 0 ? grad_c_acc.abs().amax() : at::ones({}, acc_options))
+          .clamp_min(std::numeric_limits<float>::min()));
+  const at::Tensor grad_c_unit = grad_c_acc / grad_scale;
+  const at::Tensor grad_c = grad_c_unit.to(in.x.scalar_type()).contiguous();
   const at::Tensor log_prior = in.log_prior.to(acc).contiguous();
   const at::Tensor row_lse = row_lse_in.to(acc).contiguous();
-  // delta_a = <dC_a, C_a>, the softmax-backward term of every row.
-  const at::Tensor delta = (grad_c_in.to(acc) * c_in.to(acc)).sum(1).contiguous();
+  // delta_a = <dC_a, C_a> / grad_scale, the softmax-backward term of every row.
+  const at::Tensor delta = (grad_c_unit * c_in.to(acc)).sum(1).contiguous();
 
   const int64_t row_blocks = ceil_div(rows, kTile), k_tiles = ceil_div(num_prototypes, kTile);
   const SweepSplit rows_split = split_sweep(row_blocks, k_tiles, rows);
@@ -298,9 +321,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
             protos_split.tiles_per_split, slab_p.data_ptr<A>(), slab_prior.data_ptr<A>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
-  // The splits' slabs, summed in a fixed order (torch's reductions use no atomics).
-  return {slab_x.sum(0).to(x_in.scalar_type()), slab_p.sum(0).to(prototypes_in.scalar_type()),
-          slab_prior.sum(0).to(log_prior_in.scalar_type())};
+  // The splits' slabs, summed in a fixed order (torch's reductions use no atomics), and the
+  // gradient scale multiplied back before casting to the inputs' dtypes.
+  return {slab_x.sum(0).mul_(grad_scale).to(x_in.scalar_type()),
+          slab_p.sum(0).mul_(grad_scale).to(prototypes_in.scalar_type()),
+          slab_prior.sum(0).mul_(grad_scale).to(log_prior_in.scalar_type())};
 }
 
 }  // namespace icl_msr::cuda

@@ -1,6 +1,8 @@
-// Fused NT-Xent of both terms (SPEC steps 7-8, §3) on CUDA: icl_msr::contrastive_forward and
-// icl_msr::contrastive_backward. See tile_kernels.cuh for the tiling; no B x M matrix is ever
+// Fused NT-Xent of both terms (docs/math.md §2 steps 7-8, §3) on CUDA: icl_msr::contrastive_forward
+// and icl_msr::contrastive_backward. See tile_kernels.cuh for the tiling; no B x M matrix is ever
 // stored, the forward saves two log-sum-exps per row, and the backward recomputes the tiles.
+// With explicit positive logits (memory-bank mode) no column is the row's own or its positive:
+// the positive is one extra logit per row, merged into its log-sum-exp by the finishing kernel.
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAGuard.h>
 
@@ -16,14 +18,14 @@ namespace {
 template <typename T>
 __device__ void contrastive_logits(const TileSmem<T>& sm, const T* a, const T* b, int64_t rows,
                                    int64_t row0, const T* a_cols, const T* b_cols, int64_t cols,
-                                   int64_t col0, int64_t dim_a, int64_t dim_b, int64_t int_mode) {
+                                   int64_t col0, int64_t dim_a, int64_t dim_b, int64_t combine) {
   using L = TileLayout<T>;
   TileAcc<T> acc;
   acc.zero();
   tile_product(acc, sm, a, rows, row0, a_cols, cols, col0, dim_a);
   acc.store(sm.logits[0], L::kLdTile);
-  if (int_mode == kIntNone) return;
-  if (int_mode == kIntAdd) acc.zero();
+  if (combine == kCombineNone) return;
+  if (combine == kCombineAdd) acc.zero();
   tile_product(acc, sm, b, rows, row0, b_cols, cols, col0, dim_b);
   acc.store(sm.logits[1], L::kLdTile);
 }
@@ -35,8 +37,8 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) contrastive_forward_kernel(
     const T* __restrict__ a, const T* __restrict__ b, const T* __restrict__ a_cols,
     const T* __restrict__ b_cols, int64_t rows, int64_t cols, int64_t dim_a, int64_t dim_b,
-    int64_t row_offset, int64_t int_mode, int64_t tiles_per_split, accum_t<T>* part_max,
-    accum_t<T>* part_sum, accum_t<T>* pos_logit) {
+    int64_t row_offset, int64_t combine, bool explicit_positive, int64_t tiles_per_split,
+    accum_t<T>* part_max, accum_t<T>* part_sum, accum_t<T>* pos_logit) {
   using A = accum_t<T>;
   using L = TileLayout<T>;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -45,21 +47,25 @@ __global__ void __launch_bounds__(kThreads) contrastive_forward_kernel(
   const int64_t split = blockIdx.y;
   const int64_t first_tile = split * tiles_per_split;
   const int64_t end_tile = std::min(ceil_div(cols, kTile), first_tile + tiles_per_split);
-  const int terms = int_mode == kIntNone ? 1 : 2;
+  const int terms = combine == kCombineNone ? 1 : 2;
 
   const int p = tile_row();
   const int64_t row = row0 + p;
-  const int64_t self = self_column(row, row_offset);
-  const int64_t positive = positive_column(row, rows, row_offset);
+  // -1 matches no column: in memory-bank mode every column is a negative.
+  const int64_t self = explicit_positive ? -1 : self_column(row, row_offset);
+  const int64_t positive = explicit_positive ? -1 : positive_column(row, rows, row_offset);
   A run_max[2] = {neg_inf<A>(), neg_inf<A>()};
   A run_sum[2] = {A(0), A(0)};
 
   for (int64_t tile = first_tile; tile < end_tile; ++tile) {
     const int64_t col0 = tile * kTile;
-    contrastive_logits(sm, a, b, rows, row0, a_cols, b_cols, cols, col0, dim_a, dim_b, int_mode);
+    contrastive_logits(sm, a, b, rows, row0, a_cols, b_cols, cols, col0, dim_a, dim_b, combine);
     __syncthreads();
     if (row < rows) {
-      const auto candidate = [&](int q) { return col0 + q < cols && col0 + q != self; };
+      // The negatives: the positive is merged in by the finishing kernel.
+      const auto candidate = [&](int q) {
+        return col0 + q < cols && col0 + q != self && col0 + q != positive;
+      };
 #pragma unroll
       for (int term = 0; term < 2; ++term) {
         if (term >= terms) break;
@@ -83,8 +89,9 @@ __global__ void __launch_bounds__(kThreads) contrastive_forward_kernel(
   }
 }
 
-// Merges the splits' partial (max, sum) of each row in split order: row_lse (2, rows) and the
-// row's loss term lse - positive logit (2, rows); both zero for the absent int term.
+// Merges the splits' partial (max, sum) of each row's negatives in split order, then its positive
+// logit: row_lse (2, rows) and the row's loss term lse - positive logit (2, rows); both zero for
+// the absent int term.
 template <typename A>
 __global__ void contrastive_finish_kernel(const A* part_max, const A* part_sum,
                                           const A* pos_logit, int64_t rows, int64_t splits,
@@ -98,8 +105,9 @@ __global__ void contrastive_finish_kernel(const A* part_max, const A* part_sum,
       for (int64_t s = 0; s < splits; ++s)
         lse_merge(run_max, run_sum, part_max[(s * 2 + term) * rows + row],
                   part_sum[(s * 2 + term) * rows + row]);
-      lse = lse_finish(run_max, run_sum);
-      loss = lse - pos_logit[term * rows + row];
+      const A positive = pos_logit[term * rows + row];
+      loss = ntxent_row_term(lse_finish(run_max, run_sum), positive);
+      lse = positive + loss;
     }
     row_lse[term * rows + row] = lse;
     row_loss[term * rows + row] = loss;
@@ -108,7 +116,7 @@ __global__ void contrastive_finish_kernel(const A* part_max, const A* part_sum,
 
 // Who owns what in a backward sweep.
 enum class Sweep : int {
-  kSymmetric,  // columns are the rows: row block i owns grad rows i from G_ij + G_ji (SPEC §3)
+  kSymmetric,  // columns are the rows: row block i owns grad rows i from G_ij + G_ji (docs/math.md §3)
   kRowsOwned,  // rectangular, row-owned: grad of the local rows from G_ic over the columns
   kColsOwned,  // rectangular, column-owned: grad of the columns from G_ic over the local rows
 };
@@ -117,11 +125,14 @@ enum class Sweep : int {
 // gradient coefficients (tile_math.h's ntxent_grad_coef, without the 1/rows factor, which the
 // host applies to the summed slabs so that float16 coefficients keep their precision) and
 // accumulates coef · swept features into its rows of slab_a / slab_b (splits, n_own, dim).
+// grad_losses arrives divided by a power of two >= its largest entry (contrastive_backward), so
+// the coefficients stored in T are at most 2 (4 summed for "concat") in magnitude.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) contrastive_backward_kernel(
     const T* __restrict__ own_a, const T* __restrict__ own_b, int64_t n_own,
     const T* __restrict__ swept_a, const T* __restrict__ swept_b, int64_t n_swept, int64_t dim_a,
-    int64_t dim_b, int64_t rows, int64_t row_offset, int64_t int_mode, Sweep sweep,
+    int64_t dim_b, int64_t rows, int64_t row_offset, int64_t combine, bool explicit_positive,
+    Sweep sweep,
     const accum_t<T>* __restrict__ row_lse, const accum_t<T>* __restrict__ grad_losses,
     int64_t tiles_per_split, accum_t<T>* slab_a, accum_t<T>* slab_b) {
   using A = accum_t<T>;
@@ -132,7 +143,7 @@ __global__ void __launch_bounds__(kThreads) contrastive_backward_kernel(
   const int64_t split = blockIdx.y;
   const int64_t first_tile = split * tiles_per_split;
   const int64_t end_tile = std::min(ceil_div(n_swept, kTile), first_tile + tiles_per_split);
-  const int terms = int_mode == kIntNone ? 1 : 2;
+  const int terms = combine == kCombineNone ? 1 : 2;
   // Whose softmax a coefficient needs: the owned entity's when it is an anchor row, the swept
   // one's (staged per tile in sm.stats) when that is; the symmetric sweep needs both.
   const bool rows_owned = sweep != Sweep::kColsOwned;
@@ -146,7 +157,7 @@ __global__ void __launch_bounds__(kThreads) contrastive_backward_kernel(
 #pragma unroll
   for (int term = 0; term < 2; ++term)
     if (rows_owned && own < n_own && term < terms) own_lse[term] = row_lse[term * rows + own];
-  const A grad[2] = {grad_losses[0], int_mode == kIntNone ? A(0) : grad_losses[1]};
+  const A grad[2] = {grad_losses[0], combine == kCombineNone ? A(0) : grad_losses[1]};
 
   for (int64_t tile = first_tile; tile < end_tile; ++tile) {
     const int64_t swept0 = tile * kTile;
@@ -157,7 +168,7 @@ __global__ void __launch_bounds__(kThreads) contrastive_backward_kernel(
         sm.stats[i] = term < terms && swept < n_swept ? row_lse[term * rows + swept] : A(0);
       }
     contrastive_logits(sm, own_a, own_b, n_own, own0, swept_a, swept_b, n_swept, swept0, dim_a,
-                       dim_b, int_mode);
+                       dim_b, combine);
     __syncthreads();
 
 #pragma unroll 4
@@ -168,8 +179,9 @@ __global__ void __launch_bounds__(kThreads) contrastive_backward_kernel(
       if (own < n_own && swept < n_swept) {
         const int64_t row = rows_owned ? own : swept;  // local anchor row of the pair
         const int64_t col = rows_owned ? swept : own;  // its global column
-        if (col != self_column(row, row_offset)) {
-          const bool positive = col == positive_column(row, rows, row_offset);
+        if (explicit_positive || col != self_column(row, row_offset)) {
+          const bool positive =
+              !explicit_positive && col == positive_column(row, rows, row_offset);
 #pragma unroll
           for (int term = 0; term < 2; ++term) {
             if (term >= terms) break;
@@ -186,12 +198,12 @@ __global__ void __launch_bounds__(kThreads) contrastive_backward_kernel(
       // a enters the base logits and, with "concat", the interventional ones; b only the latter.
       // (In place over the logits when T is the accumulation type: same element, read first.)
       sm.coef[0][p * L::kLdCoef + q] =
-          static_cast<T>(int_mode == kIntConcat ? coef[0] + coef[1] : coef[0]);
+          static_cast<T>(combine == kCombineConcat ? coef[0] + coef[1] : coef[0]);
       sm.coef[1][p * L::kLdCoef + q] = static_cast<T>(coef[1]);
     }
 
     tile_accumulate(sm, slab_a, n_own, own0, dim_a, n_swept, swept0, sm.coef[0], swept_a);
-    if (int_mode != kIntNone)
+    if (combine != kCombineNone)
       tile_accumulate(sm, slab_b, n_own, own0, dim_b, n_swept, swept0, sm.coef[1], swept_b);
     __syncthreads();  // the next tile overwrites the statistics, logits and coefficients
   }
@@ -199,20 +211,31 @@ __global__ void __launch_bounds__(kThreads) contrastive_backward_kernel(
 
 const void* data_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 
+// 2^ceil(log2 m) of a 0-d tensor m > 0, exactly: frexp gives m = mant 2^e with mant in [0.5, 1),
+// and m / mant = 2^e is exact. Dividing by a power of two and multiplying back is exact in every
+// dtype (short of underflow), so scaling by it leaves float32/float64 results bit-identical.
+// Tensor ops on the device: reading m on the host would synchronise with the stream.
+at::Tensor pow2_at_least(const at::Tensor& m) {
+  const at::Tensor mant = std::get<0>(at::frexp(m));
+  return at::where(mant == 0.5, m, m / mant);
+}
+
 template <typename T>
 const T* ptr(const at::Tensor& t) {
   return static_cast<const T*>(data_or_null(t));
 }
 
 // One backward sweep: the gradients of the owned entities' a and b features, summed over the
-// splits and scaled by 1/rows, in the features' dtype (b's undefined when int_mode is 0).
+// splits and scaled by grad_scale / rows, in the features' dtype (b's undefined when combine is
+// "none"). The kernel reads grad_unit = grad_losses / grad_scale (see contrastive_backward).
 std::pair<at::Tensor, at::Tensor> backward_sweep(Sweep sweep, const at::Tensor& own_a,
                                                  const at::Tensor& own_b,
                                                  const at::Tensor& swept_a,
                                                  const at::Tensor& swept_b,
                                                  const ContrastiveInputs& in, int64_t row_offset,
-                                                 int64_t int_mode, const at::Tensor& row_lse,
-                                                 const at::Tensor& grad_losses) {
+                                                 int64_t combine, const at::Tensor& row_lse,
+                                                 const at::Tensor& grad_unit,
+                                                 const at::Tensor& grad_scale) {
   const int64_t n_own = own_a.size(0), n_swept = swept_a.size(0);
   const int64_t owned_blocks = ceil_div(n_own, kTile);
   const SweepSplit split = split_sweep(owned_blocks, ceil_div(n_swept, kTile), n_own);
@@ -228,27 +251,31 @@ std::pair<at::Tensor, at::Tensor> backward_sweep(Sweep sweep, const at::Tensor& 
         kernel<<<dim3(owned_blocks, split.splits), kThreads, smem,
                  c10::cuda::getCurrentCUDAStream()>>>(
             ptr<scalar_t>(own_a), ptr<scalar_t>(own_b), n_own, ptr<scalar_t>(swept_a),
-            ptr<scalar_t>(swept_b), n_swept, in.dim_a, in.dim_b, in.rows, row_offset, int_mode,
-            sweep, row_lse.data_ptr<A>(), grad_losses.data_ptr<A>(), split.tiles_per_split,
-            slab_a.data_ptr<A>(), slab_b.data_ptr<A>());
+            ptr<scalar_t>(swept_b), n_swept, in.dim_a, in.dim_b, in.rows, row_offset, combine,
+            in.positive_logits.defined(), sweep, row_lse.data_ptr<A>(), grad_unit.data_ptr<A>(),
+            split.tiles_per_split, slab_a.data_ptr<A>(), slab_b.data_ptr<A>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
-  const double scale = 1.0 / static_cast<double>(in.rows);
+  // grad_scale / rows as a 0-d device tensor: a power of two times 1/rows, so multiplying by it
+  // rounds exactly as multiplying by 1/rows alone did.
+  const at::Tensor scale = grad_scale * (1.0 / static_cast<double>(in.rows));
   at::Tensor grad_a = slab_a.sum(0).mul_(scale).to(own_a.scalar_type());
   at::Tensor grad_b;
-  if (int_mode != kIntNone) grad_b = slab_b.sum(0).mul_(scale).to(own_a.scalar_type());
+  if (combine != kCombineNone) grad_b = slab_b.sum(0).mul_(scale).to(own_a.scalar_type());
   return {grad_a, grad_b};
 }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> contrastive_forward(const at::Tensor& a_in,
-                                                       const std::optional<at::Tensor>& b_in,
-                                                       const std::optional<at::Tensor>& a_cols_in,
-                                                       const std::optional<at::Tensor>& b_cols_in,
-                                                       int64_t row_offset, int64_t int_mode) {
-  const ContrastiveInputs in = check_contrastive(a_in, b_in, a_cols_in, b_cols_in, row_offset,
-                                                 int_mode);
+std::tuple<at::Tensor, at::Tensor> contrastive_forward(
+    const at::Tensor& a_in, const std::optional<at::Tensor>& b_in,
+    const std::optional<at::Tensor>& a_cols_in, const std::optional<at::Tensor>& b_cols_in,
+    const std::optional<at::Tensor>& positive_logits_in, int64_t row_offset,
+    c10::string_view combine_name) {
+  const ContrastiveInputs in = check_contrastive(a_in, b_in, a_cols_in, b_cols_in,
+                                                 positive_logits_in, row_offset, combine_name);
+  const int64_t combine = in.combine;
+  const bool explicit_positive = in.positive_logits.defined();
   const c10::cuda::CUDAGuard guard(in.a.device());
   const at::Tensor& a_cols = in.has_cols ? in.a_cols : in.a;
   const at::Tensor& b_cols = in.has_cols ? in.b_cols : in.b;
@@ -257,7 +284,9 @@ std::tuple<at::Tensor, at::Tensor> contrastive_forward(const at::Tensor& a_in,
   const auto acc_options = in.a.options().dtype(accum_dtype(in.a.scalar_type()));
   at::Tensor part_max = at::empty({split.splits, 2, in.rows}, acc_options);
   at::Tensor part_sum = at::empty({split.splits, 2, in.rows}, acc_options);
-  at::Tensor pos_logit = at::zeros({2, in.rows}, acc_options);
+  // The kernel records the positives found among the columns; explicit ones are given.
+  at::Tensor pos_logit =
+      explicit_positive ? in.positive_logits.clone() : at::zeros({2, in.rows}, acc_options);
   at::Tensor row_lse = at::empty({2, in.rows}, acc_options);
   at::Tensor row_loss = at::empty({2, in.rows}, acc_options);
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -269,13 +298,13 @@ std::tuple<at::Tensor, at::Tensor> contrastive_forward(const at::Tensor& a_in,
         allow_shared_memory(kernel, smem);
         kernel<<<dim3(row_blocks, split.splits), kThreads, smem, stream>>>(
             ptr<scalar_t>(in.a), ptr<scalar_t>(in.b), ptr<scalar_t>(a_cols),
-            ptr<scalar_t>(b_cols), in.rows, in.cols, in.dim_a, in.dim_b, row_offset, int_mode,
-            split.tiles_per_split, part_max.data_ptr<A>(), part_sum.data_ptr<A>(),
+            ptr<scalar_t>(b_cols), in.rows, in.cols, in.dim_a, in.dim_b, row_offset, combine,
+            explicit_positive, split.tiles_per_split, part_max.data_ptr<A>(), part_sum.data_ptr<A>(),
             pos_logit.data_ptr<A>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         contrastive_finish_kernel<A><<<dim3(ceil_div(in.rows, kThreads)), kThreads, 0, stream>>>(
             part_max.data_ptr<A>(), part_sum.data_ptr<A>(), pos_logit.data_ptr<A>(), in.rows,
-            split.splits, int_mode == kIntNone ? 1 : 2, row_lse.data_ptr<A>(),
+            split.splits, combine == kCombineNone ? 1 : 2, row_lse.data_ptr<A>(),
             row_loss.data_ptr<A>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
@@ -287,27 +316,40 @@ std::tuple<at::Tensor, at::Tensor> contrastive_forward(const at::Tensor& a_in,
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_backward(
     const at::Tensor& grad_losses_in, const at::Tensor& a_in, const std::optional<at::Tensor>& b_in,
     const std::optional<at::Tensor>& a_cols_in, const std::optional<at::Tensor>& b_cols_in,
-    const at::Tensor& row_lse_in, int64_t row_offset, int64_t int_mode) {
-  const ContrastiveInputs in = check_contrastive(a_in, b_in, a_cols_in, b_cols_in, row_offset,
-                                                 int_mode);
+    const std::optional<at::Tensor>& positive_logits_in, const at::Tensor& row_lse_in,
+    int64_t row_offset, c10::string_view combine_name) {
+  const ContrastiveInputs in = check_contrastive(a_in, b_in, a_cols_in, b_cols_in,
+                                                 positive_logits_in, row_offset, combine_name);
+  const int64_t combine = in.combine;
   check_contrastive_backward_args(grad_losses_in, row_lse_in, a_in);
   const c10::cuda::CUDAGuard guard(in.a.device());
   const auto acc = accum_dtype(in.a.scalar_type());
   const at::Tensor grad_losses = grad_losses_in.to(acc).contiguous();
   const at::Tensor row_lse = row_lse_in.to(acc).contiguous();
+  // Scale before casting down: the kernel stores grad_losses[term] * (softmax - indicator) as a
+  // float16/bfloat16 operand of the tensor cores, and a loss scaler's 2^16 would overflow float16
+  // there. It reads grad_unit = grad_losses / grad_scale instead, grad_scale the power of two at
+  // or above max |grad_losses| of the terms used, so that every stored coefficient is at most 2
+  // (4 for "concat"'s sum); the sweeps multiply the summed slabs by grad_scale. The floor keeps
+  // all-zero gradients finite (zero coefficients) and is itself a power of two.
+  const int64_t terms = combine == kCombineNone ? 1 : 2;
+  const at::Tensor grad_scale = pow2_at_least(
+      grad_losses.narrow(0, 0, terms).abs().amax().clamp_min(std::numeric_limits<float>::min()));
+  const at::Tensor grad_unit = grad_losses / grad_scale;
 
-  // A tensor that was None gets an empty gradient; a b that int_mode 0 does not read, zeros.
+  // A tensor that was None gets an empty gradient; a b that combine "none" does not read, zeros.
   const auto none = [&] { return at::empty({0}, in.a.options()); };
   at::Tensor grad_a, grad_b, grad_a_cols = none(), grad_b_cols = none();
   if (!in.has_cols) {
     std::tie(grad_a, grad_b) = backward_sweep(Sweep::kSymmetric, in.a, in.b, in.a, in.b, in,
-                                              row_offset, int_mode, row_lse, grad_losses);
+                                              row_offset, combine, row_lse, grad_unit, grad_scale);
   } else {
-    std::tie(grad_a, grad_b) = backward_sweep(Sweep::kRowsOwned, in.a, in.b, in.a_cols, in.b_cols,
-                                              in, row_offset, int_mode, row_lse, grad_losses);
+    std::tie(grad_a, grad_b) =
+        backward_sweep(Sweep::kRowsOwned, in.a, in.b, in.a_cols, in.b_cols, in, row_offset,
+                       combine, row_lse, grad_unit, grad_scale);
     std::tie(grad_a_cols, grad_b_cols) =
         backward_sweep(Sweep::kColsOwned, in.a_cols, in.b_cols, in.a, in.b, in, row_offset,
-                       int_mode, row_lse, grad_losses);
+                       combine, row_lse, grad_unit, grad_scale);
   }
   if (!grad_b.defined()) grad_b = b_in.has_value() ? at::zeros_like(*b_in) : none();
   if (!grad_b_cols.defined())

@@ -17,55 +17,64 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& x,
                                                      const at::Tensor& prototypes,
                                                      const at::Tensor& log_prior,
                                                      double inv_attn_temperature,
-                                                     int64_t prior_mode);
+                                                     c10::string_view prior_mode);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor& grad_c, const at::Tensor& x, const at::Tensor& prototypes,
     const at::Tensor& log_prior, const at::Tensor& c, const at::Tensor& row_lse,
-    double inv_attn_temperature, int64_t prior_mode);
+    double inv_attn_temperature, c10::string_view prior_mode);
 
-std::tuple<at::Tensor, at::Tensor> contrastive_forward(const at::Tensor& a,
-                                                       const std::optional<at::Tensor>& b,
-                                                       const std::optional<at::Tensor>& a_cols,
-                                                       const std::optional<at::Tensor>& b_cols,
-                                                       int64_t row_offset, int64_t int_mode);
+std::tuple<at::Tensor, at::Tensor> contrastive_forward(
+    const at::Tensor& a, const std::optional<at::Tensor>& b,
+    const std::optional<at::Tensor>& a_cols, const std::optional<at::Tensor>& b_cols,
+    const std::optional<at::Tensor>& positive_logits, int64_t row_offset,
+    c10::string_view combine);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_backward(
     const at::Tensor& grad_losses, const at::Tensor& a, const std::optional<at::Tensor>& b,
     const std::optional<at::Tensor>& a_cols, const std::optional<at::Tensor>& b_cols,
-    const at::Tensor& row_lse, int64_t row_offset, int64_t int_mode);
+    const std::optional<at::Tensor>& positive_logits, const at::Tensor& row_lse,
+    int64_t row_offset, c10::string_view combine);
 
 // The tensors of the attention ops, checked and made contiguous.
 struct AttentionInputs {
   at::Tensor x, prototypes, log_prior;
   int64_t rows, num_prototypes, dim;
+  PriorMode prior_mode;
 };
 
 inline AttentionInputs check_attention(const at::Tensor& x, const at::Tensor& prototypes,
                                        const at::Tensor& log_prior, double inv_attn_temperature,
-                                       int64_t prior_mode) {
+                                       c10::string_view prior_mode) {
   TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor for the CUDA kernels, got one on ", x.device());
-  check_attention_args(x, prototypes, log_prior, inv_attn_temperature, prior_mode);
+  const PriorMode mode =
+      check_attention_args(x, prototypes, log_prior, inv_attn_temperature, prior_mode);
   return {x.contiguous(), prototypes.contiguous(), log_prior.contiguous(), x.size(0),
-          prototypes.size(0), x.size(1)};
+          prototypes.size(0), x.size(1), mode};
 }
 
 // The tensors of the contrastive ops, checked and made contiguous; b and the columns are
-// undefined tensors when absent (b also when int_mode is 0, which does not read it).
+// undefined tensors when absent (b also when combine is "none", which does not read it), and so
+// is positive_logits (in the accumulation dtype when given).
 struct ContrastiveInputs {
-  at::Tensor a, b, a_cols, b_cols;
+  at::Tensor a, b, a_cols, b_cols, positive_logits;
   int64_t rows, cols, dim_a, dim_b;
   bool has_cols;
+  Combine combine;
 };
 
 inline ContrastiveInputs check_contrastive(const at::Tensor& a, const std::optional<at::Tensor>& b,
                                            const std::optional<at::Tensor>& a_cols,
                                            const std::optional<at::Tensor>& b_cols,
-                                           int64_t row_offset, int64_t int_mode) {
+                                           const std::optional<at::Tensor>& positive_logits,
+                                           int64_t row_offset, c10::string_view combine) {
   TORCH_CHECK(a.is_cuda(), "a must be a CUDA tensor for the CUDA kernels, got one on ", a.device());
-  const ContrastiveShape shape = check_contrastive_args(a, b, a_cols, b_cols, row_offset, int_mode);
-  ContrastiveInputs in{a.contiguous(), {}, {}, {}, shape.rows, shape.cols, a.size(1), 0,
-                       !shape.square};
+  const ContrastiveShape shape =
+      check_contrastive_args(a, b, a_cols, b_cols, positive_logits, row_offset, combine);
+  ContrastiveInputs in{a.contiguous(), {}, {}, {}, {}, shape.rows, shape.cols, a.size(1), 0,
+                       !shape.square, shape.combine};
+  if (shape.explicit_positive)
+    in.positive_logits = positive_logits->to(accum_dtype(a.scalar_type())).contiguous();
   if (shape.uses_b) {
     in.b = b->contiguous();
     in.dim_b = b->size(1);

@@ -14,7 +14,7 @@
 //      are summed in a fixed order afterwards. Results are therefore bit-identical run to run.
 //
 // Products use tensor cores (WMMA, float32 accumulation) for float16/bfloat16 and plain FMA for
-// float32/float64, whose tolerances (SPEC §5) TF32 would not meet.
+// float32/float64, whose tolerances (docs/math.md §5) TF32 would not meet.
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
@@ -40,7 +40,7 @@ constexpr int kLanesPerRow = kThreads / kTile;        // threads sharing a tile 
 constexpr int kColsPerLane = kTile / kLanesPerRow;
 static_assert(kLanesPerRow == 4, "merge_lanes / sum_lanes assume 4 lanes per row");
 
-// Accumulation type: float64 for float64 inputs, else float32 (SPEC §4).
+// Accumulation type: float64 for float64 inputs, else float32 (docs/math.md §4).
 template <typename T> struct Accum { using type = float; };
 template <> struct Accum<double> { using type = double; };
 template <typename T> using accum_t = typename Accum<T>::type;

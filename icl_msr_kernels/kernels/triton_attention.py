@@ -1,4 +1,5 @@
-"""Prototype attention C = W P of SPEC steps 4-6 as Triton kernels and a differentiable torch op.
+"""Prototype attention C = W P (docs/math.md §2 steps 4-6) as Triton kernels: the torch ops
+icl_msr_triton::attention_forward / attention_backward of the shared op surface (`kernels.ops`).
 
 W = exp(E + log pi - lse) with E = x Pᵀ / tau_a, where lse = lse_k(E + log pi) ("logit") or
 lse_k(E) ("mult": W = softmax(E) · pi); the forward saves only lse (one float a row).
@@ -20,9 +21,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_common import (TunedKernel, acc_dtype, check_device, d_blocking, define_op, dot_nt,
-                            dot_precision, ignore_context, load_tile, no_double_backward,
-                            segment_length, store_tile, uses_fma)
+from .triton_common import (TunedKernel, acc_dtype, check_inputs, d_blocking, define_op, dot_nt,
+                            dot_precision, load_tile, on_device_of, scalar, segment_length,
+                            store_tile, uses_fma)
 
 
 @triton.jit
@@ -38,8 +39,8 @@ def _attention_grads(e, log_prior, lse, dw, delta, valid, MULT: tl.constexpr):
 
 @triton.jit
 def _attention_fwd_kernel(
-    x_ptr, p_ptr, lp_ptr, c_ptr, lse_ptr,
-    B, K, D, inv_tau,
+    x_ptr, p_ptr, lp_ptr, c_ptr, lse_ptr, inv_tau_ptr,
+    B, K, D,
     MULT: tl.constexpr, FP64: tl.constexpr, PREC: tl.constexpr,
     BLOCK_D: tl.constexpr, ONE_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -49,6 +50,7 @@ def _attention_fwd_kernel(
     d0 = tl.program_id(1) * BLOCK_D
     acc_ty = tl.float64 if FP64 else tl.float32
     x = load_tile(x_ptr, rows, row_mask, d0, D, BLOCK_D)
+    inv_tau = tl.load(inv_tau_ptr)  # in the accumulation dtype (a float argument is float32)
 
     m = tl.full((BLOCK_M,), float("-inf"), acc_ty)  # running max of the normaliser's logits
     l = tl.zeros((BLOCK_M,), acc_ty)  # running sum of their exponentials
@@ -79,8 +81,8 @@ def _attention_fwd_kernel(
 
 @triton.jit
 def _attention_bwd_rows_kernel(
-    x_ptr, p_ptr, lp_ptr, dc_ptr, lse_ptr, delta_ptr, dx_ptr,
-    B, K, D, inv_tau,
+    x_ptr, p_ptr, lp_ptr, dc_ptr, lse_ptr, delta_ptr, dx_ptr, inv_tau_ptr,
+    B, K, D,
     MULT: tl.constexpr, FP64: tl.constexpr, PREC: tl.constexpr,
     BLOCK_D: tl.constexpr, ONE_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -94,6 +96,7 @@ def _attention_bwd_rows_kernel(
     dc = load_tile(dc_ptr, rows, row_mask, d0, D, BLOCK_D)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     delta = tl.load(delta_ptr + rows, mask=row_mask, other=0.0)
+    inv_tau = tl.load(inv_tau_ptr)
 
     acc = tl.zeros((BLOCK_M, BLOCK_D), acc_ty)
     for k0 in range(0, K, BLOCK_K):
@@ -114,8 +117,8 @@ def _attention_bwd_rows_kernel(
 
 @triton.jit
 def _attention_bwd_protos_kernel(
-    x_ptr, p_ptr, lp_ptr, dc_ptr, lse_ptr, delta_ptr, dp_ptr, dlp_ptr,
-    B, K, D, inv_tau, segment_rows,
+    x_ptr, p_ptr, lp_ptr, dc_ptr, lse_ptr, delta_ptr, dp_ptr, dlp_ptr, inv_tau_ptr,
+    B, K, D, segment_rows,
     MULT: tl.constexpr, FP64: tl.constexpr, PREC: tl.constexpr,
     BLOCK_D: tl.constexpr, ONE_D: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -129,6 +132,7 @@ def _attention_bwd_protos_kernel(
     acc_ty = tl.float64 if FP64 else tl.float32
     p = load_tile(p_ptr, ks, k_mask, d0, D, BLOCK_D)
     log_prior = tl.load(lp_ptr + ks, mask=k_mask, other=0.0).to(acc_ty)
+    inv_tau = tl.load(inv_tau_ptr)
 
     acc = tl.zeros((BLOCK_K, BLOCK_D), acc_ty)
     dlp = tl.zeros((BLOCK_K,), acc_ty)
@@ -169,7 +173,8 @@ _ROW_FMA = [(64, 32, 8, 2), (32, 32, 4, 3), (64, 64, 8, 2)]
 _PROTO_MMA = [(32, 32, 4, 2), (64, 64, 8, 2), (16, 32, 4, 2), (16, 64, 4, 2), (32, 128, 8, 3)]
 _PROTO_FMA = [(64, 32, 8, 2), (32, 32, 4, 3)]
 _INTERPRET_META = {"BLOCK_M": 16, "BLOCK_K": 16}
-_KEY = ["B", "K", "D", "MULT"]
+# Everything that changes the compiled kernel, so that a timing is never reused across them.
+_KEY = ["B", "K", "D", "MULT", "FP64", "PREC"]
 
 _fwd = TunedKernel(_attention_fwd_kernel, ("BLOCK_M", "BLOCK_K"), _ROW_MMA, _ROW_FMA, _KEY,
                    _INTERPRET_META)
@@ -183,86 +188,61 @@ def _row_grid(n_chunks: int, rows: int):
     return lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), n_chunks)
 
 
-def _fwd_fake(x, prototypes, log_prior, inv_tau, mult, precision):
-    return torch.empty_like(x), x.new_empty(x.shape[0], dtype=acc_dtype(x.dtype))
-
-
-@define_op("attention_fwd", _fwd_fake)
-def attention_fwd(x: Tensor, prototypes: Tensor, log_prior: Tensor, inv_tau: float, mult: bool,
-                  precision: str) -> Tuple[Tensor, Tensor]:
+@define_op("attention_forward")
+def attention_forward(x: Tensor, prototypes: Tensor, log_prior: Tensor,
+                      inv_attn_temperature: float, prior_mode: str) -> Tuple[Tensor, Tensor]:
     """(C, lse): C = W P (B, D) in x's dtype, lse (B,) the row log-normaliser of W."""
+    check_inputs(x, prototypes, log_prior)
+    precision = dot_precision(x.dtype)
     x, prototypes, log_prior = x.contiguous(), prototypes.contiguous(), log_prior.contiguous()
     (B, D), K = x.shape, prototypes.shape[0]
     block_d, n_chunks = d_blocking(D, False, x.dtype, precision)
     c = torch.empty_like(x)
     lse = x.new_empty(B, dtype=acc_dtype(x.dtype))
-    _fwd.launch(_row_grid(n_chunks, B), x, prototypes, log_prior, c, lse, B, K, D, inv_tau,
-                fma=uses_fma(x.dtype, precision), MULT=mult, FP64=x.dtype == torch.float64,
-                PREC=precision, BLOCK_D=block_d, ONE_D=n_chunks == 1)
+    with on_device_of(x):
+        _fwd.launch(_row_grid(n_chunks, B), x, prototypes, log_prior, c, lse,
+                    scalar(inv_attn_temperature, x), B, K, D,
+                    fma=uses_fma(x.dtype, precision), MULT=prior_mode == "mult",
+                    FP64=x.dtype == torch.float64, PREC=precision, BLOCK_D=block_d,
+                    ONE_D=n_chunks == 1)
     return c, lse
 
 
-def _bwd_fake(grad_c, x, prototypes, log_prior, c, lse, inv_tau, mult, precision):
-    return torch.empty_like(x), torch.empty_like(prototypes), torch.empty_like(log_prior)
-
-
-@define_op("attention_bwd", _bwd_fake)
-def attention_bwd(grad_c: Tensor, x: Tensor, prototypes: Tensor, log_prior: Tensor, c: Tensor,
-                  lse: Tensor, inv_tau: float, mult: bool, precision: str
-                  ) -> Tuple[Tensor, Tensor, Tensor]:
-    """(dx, dP, d log_prior) of `attention_fwd`, each in its input's dtype."""
+@define_op("attention_backward")
+def attention_backward(grad_c: Tensor, x: Tensor, prototypes: Tensor, log_prior: Tensor,
+                       c: Tensor, row_lse: Tensor, inv_attn_temperature: float, prior_mode: str
+                       ) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dx, dP, d log_prior) of `attention_forward`, each in its input's dtype."""
+    check_inputs(grad_c, x, prototypes, log_prior)
+    precision = dot_precision(x.dtype)
     x, prototypes, log_prior = x.contiguous(), prototypes.contiguous(), log_prior.contiguous()
-    grad_c = grad_c.to(x.dtype).contiguous()
     (B, D), K = x.shape, prototypes.shape[0]
     acc = acc_dtype(x.dtype)
+    # The kernels read dC in the features' dtype. A loss scaler's upstream gradient (2^16 and
+    # more) would overflow float16 there, so dC is divided by its largest magnitude before the
+    # cast and the gradients multiplied by it afterwards (kept on the device: no host sync).
+    grad_scale = grad_c.detach().to(acc).abs().amax().clamp_min(torch.finfo(acc).tiny)
+    grad_c = (grad_c.to(acc) / grad_scale).to(x.dtype).contiguous()
     delta = (grad_c.to(acc) * c.to(acc)).sum(dim=1)  # <dC_a, C_a>, the softmax-backward term
     block_d, n_chunks = d_blocking(D, True, x.dtype, precision)
-    consts = dict(fma=uses_fma(x.dtype, precision), MULT=mult, FP64=x.dtype == torch.float64,
-                  PREC=precision, BLOCK_D=block_d, ONE_D=n_chunks == 1)
+    consts = dict(fma=uses_fma(x.dtype, precision), MULT=prior_mode == "mult",
+                  FP64=x.dtype == torch.float64, PREC=precision, BLOCK_D=block_d,
+                  ONE_D=n_chunks == 1)
+    inv_tau = scalar(inv_attn_temperature, x)
 
-    dx = torch.empty_like(x)
-    _bwd_rows.launch(_row_grid(n_chunks, B), x, prototypes, log_prior, grad_c, lse, delta, dx,
-                     B, K, D, inv_tau, **consts)
+    with on_device_of(x):
+        dx = x.new_empty(B, D, dtype=acc)
+        _bwd_rows.launch(_row_grid(n_chunks, B), x, prototypes, log_prior, grad_c, row_lse,
+                         delta, dx, inv_tau, B, K, D, **consts)
 
-    segment_rows = segment_length(K, n_chunks, B)
-    segments = triton.cdiv(B, segment_rows)
-    dp_parts = x.new_empty(segments, K, D, dtype=acc)
-    dlp_parts = x.new_empty(segments, K, dtype=acc)
-    _bwd_protos.launch(lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), n_chunks, segments),
-                       x, prototypes, log_prior, grad_c, lse, delta, dp_parts, dlp_parts,
-                       B, K, D, inv_tau, segment_rows, **consts)
-    dp = dp_parts.sum(dim=0).to(prototypes.dtype)
-    dlp = dlp_parts.sum(dim=0).to(log_prior.dtype)
+        segment_rows = segment_length(K, n_chunks, B)
+        segments = triton.cdiv(B, segment_rows)
+        dp_parts = x.new_empty(segments, K, D, dtype=acc)
+        dlp_parts = x.new_empty(segments, K, dtype=acc)
+        _bwd_protos.launch(lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), n_chunks, segments),
+                           x, prototypes, log_prior, grad_c, row_lse, delta, dp_parts, dlp_parts,
+                           inv_tau, B, K, D, segment_rows, **consts)
+    dx = (dx * grad_scale).to(x.dtype)
+    dp = (dp_parts.sum(dim=0) * grad_scale).to(prototypes.dtype)
+    dlp = (dlp_parts.sum(dim=0) * grad_scale).to(log_prior.dtype)
     return dx, dp, dlp
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    x, prototypes, log_prior, inv_tau, mult, precision = inputs
-    c, lse = output
-    ctx.save_for_backward(x, prototypes, log_prior, c, lse)
-    ctx.inv_tau, ctx.mult, ctx.precision = inv_tau, mult, precision
-    ctx.mark_non_differentiable(lse)
-
-
-def _backward(ctx, grad_c, grad_lse):
-    x, prototypes, log_prior, c, lse = ctx.saved_tensors
-    dx, dp, dlp = attention_bwd(grad_c, x, prototypes, log_prior, c, lse, ctx.inv_tau, ctx.mult,
-                                ctx.precision)
-    return dx, dp, dlp, None, None, None
-
-
-attention_fwd.register_autograd(_backward, setup_context=_setup_context)
-attention_bwd.register_autograd(no_double_backward("attention_bwd"), setup_context=ignore_context)
-
-
-def prototype_attention(x: Tensor, prototypes: Tensor, log_prior: Tensor,
-                        attn_temperature: float, prior_mode: str) -> Tensor:
-    """Differentiable C = W P (SPEC steps 4-6); the contract of `reference.prototype_attention`.
-
-    x (B, D) and prototypes (K, D) row-normalised, of one dtype; log_prior (K,) float32 or
-    x's dtype. Returns C (B, D) in x's dtype; gradients come back in each input's dtype.
-    """
-    check_device(x, prototypes, log_prior)
-    c, _ = attention_fwd(x, prototypes, log_prior, 1.0 / attn_temperature, prior_mode == "mult",
-                         dot_precision(x.dtype))
-    return c

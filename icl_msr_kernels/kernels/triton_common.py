@@ -9,33 +9,39 @@ The two ops (`triton_attention`, `triton_contrastive`) are built from the same p
 - `segment_length`, which splits a sweep over segments so small problems still fill the GPU;
 - `TunedKernel`, a kernel with its GPU autotuning spaces and the fixed configuration the Triton
   interpreter runs (the interpreter cannot time configurations);
-- `define_op`, which registers a function as a torch op: `torch.library.triton_op` (traceable by
-  torch.compile down to the kernels) where torch has it and the kernels are compiled, an opaque
-  `torch.library.custom_op` with a fake implementation otherwise (older torch, and the
-  interpreter, whose kernels cannot run on fake tensors).
+- `define_op`, which registers a function as one of the shared ops of `kernels.ops` in the
+  icl_msr_triton namespace: `torch.library.triton_op` (traceable by torch.compile down to the
+  kernels) where torch has it and the kernels are compiled, an opaque `torch.library.custom_op`
+  with the shared fake implementation otherwise (older torch, and the interpreter, whose kernels
+  cannot run on fake tensors);
+- `on_device_of` (kernels launch on their tensors' GPU) and `scalar` (float64 scalars).
 
 Options (read at every call, so they may be changed at run time):
 
 - ``ICL_MSR_TRITON_FP32_PRECISION`` / `set_fp32_precision`: how float32 dot products run (see
-  there); the default "ieee" is true float32 and meets SPEC's float32 tolerance.
+  there); the default "ieee" is true float32 and meets the float32 tolerance of
+  docs/math.md §5. Under torch.compile the value at tracing time is the one compiled in.
 - ``ICL_MSR_TRITON_AUTOTUNE=0`` / `set_autotune(False)`: skip autotuning and run every kernel
   with its default tiles (quicker start: autotuning compiles and times every configuration
   once per kernel variant and problem size).
 
 Every kernel writes each output element from exactly one program and never uses atomics, so
-results are bit-identical run to run for a given tile configuration (SPEC §4). Autotuning
+results are bit-identical run to run for a given tile configuration (docs/math.md §4). Autotuning
 picks a configuration per process by timing; ICL_MSR_TRITON_AUTOTUNE=0 also makes results
 identical across processes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any, Callable, Sequence
 
 import torch
 import triton
 import triton.language as tl
+
+from .ops import FAKES
 
 try:  # The interpreter's stand-in for a compiled kernel (TRITON_INTERPRET=1).
     from triton.runtime.interpreter import InterpretedFunction
@@ -112,9 +118,9 @@ def interpreting() -> bool:
 def set_fp32_precision(precision: str) -> None:
     """Choose how float32 dot products run: "ieee" (default), "tf32x3" or "tf32".
 
-    "ieee" is true float32 on CUDA cores and meets SPEC's float32 tolerance. "tf32x3" uses
+    "ieee" is true float32 on CUDA cores and meets the float32 tolerance (docs/math.md §5). "tf32x3" uses
     tensor cores on each operand split into two TF32 parts, close to float32; "tf32" uses them
-    once, fastest, with about three fewer decimal digits (outside SPEC's float32 tolerance).
+    once, fastest, with about three fewer decimal digits (outside the float32 tolerance).
     Half-precision and float64 inputs are unaffected.
     """
     global _fp32_precision
@@ -251,12 +257,14 @@ _HAS_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, 
 _wrap_triton = torch.library.wrap_triton if _HAS_TRITON_OP else (lambda kernel: kernel)
 
 
-def define_op(name: str, fake: Callable[..., Any]) -> Callable[[Callable[..., Any]], Any]:
-    """Decorator registering `fn` as the torch op icl_msr_triton::name (no mutated arguments).
+def define_op(name: str) -> Callable[[Callable[..., Any]], Any]:
+    """Decorator registering `fn` as the torch op icl_msr_triton::name (no mutated arguments),
+    with the schema and fake implementation of `kernels.ops` (the op surface every fused
+    backend shares).
 
     torch.library.triton_op lets torch.compile see through the op to the kernels (its fake
     implementation is `fn` itself run on fake tensors). Without it, or under the interpreter
-    (whose kernels need real data), the op is an opaque custom_op described by `fake`.
+    (whose kernels need real data), the op is an opaque custom_op with the shared fake.
     """
 
     def register(fn: Callable[..., Any]) -> Any:
@@ -264,22 +272,36 @@ def define_op(name: str, fake: Callable[..., Any]) -> Callable[[Callable[..., An
         if _HAS_TRITON_OP and not interpreting():
             return torch.library.triton_op(qualname, mutates_args=())(fn)
         op = torch.library.custom_op(qualname, mutates_args=())(fn)
-        op.register_fake(fake)
+        op.register_fake(FAKES[name])
         return op
 
     return register
 
 
-def no_double_backward(op_name: str) -> Callable[..., Any]:
-    """Autograd formula of a backward op: refuse, clearly, to differentiate it (SPEC §3)."""
+@contextlib.contextmanager
+def on_device_of(t: torch.Tensor):
+    """Launch on `t`'s GPU rather than the current one (Triton launches on the current device)."""
+    if t.device.type == "cuda":
+        with torch.cuda.device(t.device):
+            yield
+    else:
+        yield
 
-    def backward(ctx, *grads):
-        raise RuntimeError(
-            f"backend 'triton' does not support double backward (through {op_name}); use "
-            f"backend='reference' for higher-order gradients")
 
-    return backward
+def scalar(value: float, like: torch.Tensor) -> torch.Tensor:
+    """`value` as a 1-element tensor of `like`'s accumulation dtype on its device, for a kernel
+    to load: Triton types a Python float argument as float32, which float64 kernels cannot use.
+    (torch.full launches a fill; it does not copy from the host or wait for the device.)"""
+    return torch.full((1,), value, dtype=acc_dtype(like.dtype), device=like.device)
 
 
-def ignore_context(ctx, inputs, output) -> None:
-    """setup_context of a backward op: nothing to save, its own backward only raises."""
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_inputs(*tensors: torch.Tensor | None) -> None:
+    """Raise unless the kernels can run on these tensors: dtype, then device (`check_device`)."""
+    for t in tensors:
+        if t is not None and t.dtype not in _DTYPES:
+            raise TypeError(f"backend 'triton' supports float32, float16, bfloat16 and float64 "
+                            f"inputs, got {t.dtype}")
+    check_device(*tensors)

@@ -1,11 +1,17 @@
-"""NT-Xent of SPEC steps 7-8 on both terms at once, as Triton kernels and a differentiable torch op.
+"""NT-Xent (docs/math.md §2 steps 7-8) on both terms at once, as Triton kernels: the torch ops
+icl_msr_triton::contrastive_forward / contrastive_backward of the shared op surface
+(`kernels.ops`).
 
 Features arrive pre-scaled by 1/sqrt(tau), so every similarity is already a logit. Local rows
 (B of them, two views side by side) are compared with M columns: the rows themselves
 (single process) or every rank's rows gathered (distributed negatives, this rank's rows
 starting at column row_offset). The positive of row r is column row_offset + (r + B/2) mod B;
-its own column row_offset + r is excluded. Base logits are a·a'; interventional ones are
-a·a' + b·b' ("concat") or b·b' ("add"); int_mode "none" has the base term only.
+its own column row_offset + r is excluded. With explicit positive logits (memory-bank mode,
+EXPLICIT_POS) every column is a negative and each row's positive is given. Base logits are a·a';
+interventional ones are a·a' + b·b' ("concat") or b·b' ("add"); combine "none" has the base
+term only. The forward folds only the negatives into the running log-sum-exp and merges the
+positive at the end, lse = pos + log(1 + exp(lse_neg - pos)), so that each row's term is >= 0
+and exactly 0 without negatives.
 
 - forward: each program owns a block of rows and sweeps the column tiles once, computing the
   a·a' tile once for both terms and folding both into online log-sum-exps; it saves only the
@@ -31,22 +37,22 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import INT_MODE_CODES
-from .triton_common import (TunedKernel, acc_dtype, check_device, d_blocking, define_op, dot_nt,
-                            dot_precision, ignore_context, load_tile, no_double_backward,
-                            segment_length, store_tile, uses_fma)
+from .triton_common import (TunedKernel, acc_dtype, check_inputs, d_blocking, define_op, dot_nt,
+                            dot_precision, load_tile, on_device_of, segment_length, store_tile,
+                            uses_fma)
+
 
 @triton.jit
 def _online_lse(m, l, pos, s, valid, is_pos):
-    """Fold a (rows, cols) tile of logits into each row's running max, sum of exponentials and
-    positive logit (taken from the same tile, so lse - pos cancels exactly when it should)."""
-    s = tl.where(valid, s, float("-inf"))
+    """Fold a (rows, cols) tile of logits into each row's running max and sum of exponentials
+    over its negatives (`valid` and not `is_pos`), and record its positive logit."""
+    pos += tl.sum(tl.where(is_pos, s, 0.0), 1)
+    s = tl.where(valid & (is_pos == 0), s, float("-inf"))
     m_new = tl.maximum(m, tl.max(s, 1))
     # A row may have no valid column yet (its segment's first tiles held only its own column):
     # shift by 0 then, so that exp(-inf - -inf) never makes a NaN.
     shift = tl.where(m_new == float("-inf"), 0.0, m_new)
     l = l * tl.exp(m - shift) + tl.sum(tl.exp(s - shift[:, None]), 1)
-    pos += tl.sum(tl.where(is_pos, s, 0.0), 1)
     return m_new, l, pos
 
 
@@ -54,12 +60,12 @@ def _online_lse(m, l, pos, s, valid, is_pos):
 def _ntxent_fwd_kernel(
     a_ptr, b_ptr, ac_ptr, bc_ptr, lse_ptr, pos_ptr,
     B, M, D, row_offset, segment_cols,
-    INT_MODE: tl.constexpr, FP64: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_D: tl.constexpr, ONE_D: tl.constexpr,
+    INT_MODE: tl.constexpr, EXPLICIT_POS: tl.constexpr, FP64: tl.constexpr,
+    PREC: tl.constexpr, BLOCK_D: tl.constexpr, ONE_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Each row's lse and positive logit over one segment of columns, per term: (terms,
-    segments, B) outputs, -inf and 0 where a row has no column in the segment."""
+    """Each row's lse of its negatives and its positive logit over one segment of columns, per
+    term: (terms, segments, B) outputs, -inf and 0 where a row has none in the segment."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     segment = tl.program_id(1)
     segments = tl.num_programs(1)
@@ -81,8 +87,12 @@ def _ntxent_fwd_kernel(
     for c0 in range(col_start, tl.minimum(col_start + segment_cols, M), BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
         col_mask = cols < M
-        valid = col_mask[None, :] & (cols[None, :] != self_col[:, None])
-        is_pos = cols[None, :] == pos_col[:, None]
+        if EXPLICIT_POS:  # every column is a negative
+            valid = row_mask[:, None] & col_mask[None, :]
+            is_pos = valid & (cols[None, :] < 0)  # nowhere
+        else:
+            valid = col_mask[None, :] & (cols[None, :] != self_col[:, None])
+            is_pos = cols[None, :] == pos_col[:, None]
         a_cols = load_tile(ac_ptr, cols, col_mask, 0, D, BLOCK_D)
         s_aa = dot_nt(a, a_cols, a_ptr, rows, row_mask, ac_ptr, cols, col_mask, D,
                       BLOCK_M, BLOCK_N, BLOCK_D, ONE_D, FP64, PREC)
@@ -126,7 +136,7 @@ def _ntxent_bwd_kernel(
     oa_ptr, ob_ptr, sa_ptr, sb_ptr, lse_ptr, grad_ptr, da_ptr, db_ptr,
     n_own, n_swept, B, D, row_offset, segment_len,
     OWNER_ROWS: tl.constexpr, SWEPT_ROWS: tl.constexpr,
-    INT_MODE: tl.constexpr, FP64: tl.constexpr, PREC: tl.constexpr,
+    INT_MODE: tl.constexpr, EXPLICIT_POS: tl.constexpr, FP64: tl.constexpr, PREC: tl.constexpr,
     BLOCK_D: tl.constexpr, ONE_D: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
@@ -175,8 +185,12 @@ def _ntxent_bwd_kernel(
         else:
             r = swept[None, :]
             c = own[:, None]
-        valid = own_mask[:, None] & swept_mask[None, :] & (c != row_offset + r)
-        is_pos = valid & (c == row_offset + (r + B // 2) % B)
+        if EXPLICIT_POS:  # every column is a negative; the positives' gradient is taken apart
+            valid = own_mask[:, None] & swept_mask[None, :]
+            is_pos = valid & (c < 0)  # nowhere
+        else:
+            valid = own_mask[:, None] & swept_mask[None, :] & (c != row_offset + r)
+            is_pos = valid & (c == row_offset + (r + B // 2) % B)
         if SWEPT_ROWS:
             lse_swept_base = tl.load(lse_ptr + swept, mask=swept_mask, other=0.0)
             lse_swept_int = tl.load(lse_ptr + B + swept, mask=swept_mask, other=0.0)
@@ -222,65 +236,89 @@ _FWD_FMA = [(64, 32, 8, 2), (32, 32, 4, 3), (64, 64, 8, 2)]
 _BWD_MMA = [(64, 32, 8, 3), (32, 32, 4, 2), (64, 64, 8, 2), (32, 64, 4, 3)]
 _BWD_FMA = [(64, 32, 8, 2), (32, 32, 4, 3)]
 
+# Everything that changes the compiled kernel, so that a timing is never reused across them.
 _fwd = TunedKernel(_ntxent_fwd_kernel, ("BLOCK_M", "BLOCK_N"), _FWD_MMA, _FWD_FMA,
-                   ["B", "M", "D", "INT_MODE"], {"BLOCK_M": 16, "BLOCK_N": 16})
+                   ["B", "M", "D", "INT_MODE", "EXPLICIT_POS", "FP64", "PREC"],
+                   {"BLOCK_M": 16, "BLOCK_N": 16})
 _bwd = TunedKernel(_ntxent_bwd_kernel, ("BLOCK_O", "BLOCK_S"), _BWD_MMA, _BWD_FMA,
-                   ["n_own", "n_swept", "D", "INT_MODE", "OWNER_ROWS", "SWEPT_ROWS"],
+                   ["n_own", "n_swept", "D", "INT_MODE", "OWNER_ROWS", "SWEPT_ROWS",
+                    "EXPLICIT_POS", "FP64", "PREC"],
                    {"BLOCK_O": 16, "BLOCK_S": 16})
+_COMBINE_CODES = {"none": 0, "concat": 1, "add": 2}  # INT_MODE of the kernels
 
 
-def _fwd_fake(a, b, a_cols, b_cols, row_offset, int_mode, precision):
-    acc = acc_dtype(a.dtype)
-    return a.new_empty(2, dtype=acc), a.new_empty(2, a.shape[0], dtype=acc)
+def _check_args(a, b, a_cols, positive_logits, combine):
+    check_inputs(a, b, a_cols, positive_logits)
+    if combine not in _COMBINE_CODES:
+        raise ValueError(f"combine must be one of {', '.join(map(repr, _COMBINE_CODES))}, got "
+                         f"{combine!r}")
+    if positive_logits is None and a.shape[0] % 2:
+        raise ValueError(f"contrastive rows must be the two views stacked (an even count), got "
+                         f"{a.shape[0]}")
+    if positive_logits is not None and a_cols is None:
+        raise ValueError("a_cols must be given with positive_logits (the columns are the "
+                         "negatives)")
 
 
-@define_op("ntxent_fwd", _fwd_fake)
-def ntxent_fwd(a: Tensor, b: Optional[Tensor], a_cols: Optional[Tensor], b_cols: Optional[Tensor],
-               row_offset: int, int_mode: str, precision: str) -> Tuple[Tensor, Tensor]:
+@define_op("contrastive_forward")
+def contrastive_forward(a: Tensor, b: Optional[Tensor], a_cols: Optional[Tensor],
+                        b_cols: Optional[Tensor], positive_logits: Optional[Tensor],
+                        row_offset: int, combine: str) -> Tuple[Tensor, Tensor]:
     """(losses, lse): losses = [L_base, L_int] (2,), lse (2, B) the row log-sum-exps per term
     (the second row unused for "none")."""
+    _check_args(a, b, a_cols, positive_logits, combine)
+    precision = dot_precision(a.dtype)
     if a_cols is None:
         a_cols, b_cols = a, b
-    mode = INT_MODE_CODES[int_mode]
+    mode = _COMBINE_CODES[combine]
     terms = 2 if mode else 1
     a, a_cols = a.contiguous(), a_cols.contiguous()
     # "none" has no b: the kernel never reads these pointers, any tensor will do.
     b, b_cols = (b.contiguous(), b_cols.contiguous()) if mode else (a, a_cols)
     (B, D), M = a.shape, a_cols.shape[0]
+    acc = acc_dtype(a.dtype)
     block_d, n_chunks = d_blocking(D, False, a.dtype, precision)
     segment_cols = segment_length(B, 1, M)
     segments = triton.cdiv(M, segment_cols)
-    lse_parts = a.new_empty(terms, segments, B, dtype=acc_dtype(a.dtype))
+    lse_parts = a.new_empty(terms, segments, B, dtype=acc)
     pos_parts = torch.empty_like(lse_parts)
-    _fwd.launch(lambda meta: (triton.cdiv(B, meta["BLOCK_M"]), segments), a, b, a_cols, b_cols,
-                lse_parts, pos_parts, B, M, D, row_offset, segment_cols,
-                fma=uses_fma(a.dtype, precision), INT_MODE=mode, FP64=a.dtype == torch.float64,
-                PREC=precision, BLOCK_D=block_d, ONE_D=n_chunks == 1)
-    lse = torch.logsumexp(lse_parts, dim=1)  # (terms, B)
-    losses = (lse - pos_parts.sum(dim=1)).sum(dim=1) / B
+    with on_device_of(a):
+        _fwd.launch(lambda meta: (triton.cdiv(B, meta["BLOCK_M"]), segments), a, b, a_cols,
+                    b_cols, lse_parts, pos_parts, B, M, D, row_offset, segment_cols,
+                    fma=uses_fma(a.dtype, precision), INT_MODE=mode,
+                    EXPLICIT_POS=positive_logits is not None, FP64=a.dtype == torch.float64,
+                    PREC=precision, BLOCK_D=block_d, ONE_D=n_chunks == 1)
+    negatives_lse = torch.logsumexp(lse_parts, dim=1)  # (terms, B)
+    pos = (pos_parts.sum(dim=1) if positive_logits is None
+           else positive_logits[:terms].to(acc))
+    # lse - pos = log(1 + exp(negatives_lse - pos)): >= 0, and exactly 0 without negatives.
+    row_terms = torch.logaddexp(torch.zeros_like(pos), negatives_lse - pos)
+    lse = pos + row_terms
+    losses = row_terms.sum(dim=1) / B
     if terms == 1:  # "none": L_int is zero
         lse = torch.cat([lse, torch.zeros_like(lse)])
         losses = torch.cat([losses, torch.zeros_like(losses)])
     return losses, lse
 
 
-def _bwd_fake(grad_losses, a, b, a_cols, b_cols, lse, row_offset, int_mode, precision):
-    return [torch.empty_like(t) if t is not None else a.new_empty(0)
-            for t in (a, b, a_cols, b_cols)]
-
-
-@define_op("ntxent_bwd", _bwd_fake)
-def ntxent_bwd(grad_losses: Tensor, a: Tensor, b: Optional[Tensor], a_cols: Optional[Tensor],
-               b_cols: Optional[Tensor], lse: Tensor, row_offset: int, int_mode: str,
-               precision: str) -> List[Tensor]:
-    """[da, db, da_cols, db_cols] of `ntxent_fwd`; an empty tensor for each absent input."""
-    mode = INT_MODE_CODES[int_mode]
-    grad_losses = grad_losses.to(lse.dtype).contiguous()
+@define_op("contrastive_backward")
+def contrastive_backward(grad_losses: Tensor, a: Tensor, b: Optional[Tensor],
+                         a_cols: Optional[Tensor], b_cols: Optional[Tensor],
+                         positive_logits: Optional[Tensor], row_lse: Tensor, row_offset: int,
+                         combine: str) -> List[Tensor]:
+    """[da, db, da_cols, db_cols] of `contrastive_forward`; an empty tensor for each absent
+    input. (The explicit positive logits' gradient is taken in `kernels.ops`.)"""
+    _check_args(a, b, a_cols, positive_logits, combine)
+    precision = dot_precision(a.dtype)
+    mode = _COMBINE_CODES[combine]
+    grad_losses = grad_losses.to(row_lse.dtype).contiguous()
+    row_lse = row_lse.contiguous()
     a = a.contiguous()
     b = b.contiguous() if mode else a
     (B, D) = a.shape
     block_d, n_chunks = d_blocking(D, True, a.dtype, precision)
-    consts = dict(fma=uses_fma(a.dtype, precision), INT_MODE=mode, FP64=a.dtype == torch.float64,
+    consts = dict(fma=uses_fma(a.dtype, precision), INT_MODE=mode,
+                  EXPLICIT_POS=positive_logits is not None, FP64=a.dtype == torch.float64,
                   PREC=precision, BLOCK_D=block_d, ONE_D=n_chunks == 1)
 
     def sweep(own_a, own_b, swept_a, swept_b, owner_rows, swept_rows):
@@ -292,7 +330,7 @@ def ntxent_bwd(grad_losses: Tensor, a: Tensor, b: Optional[Tensor], a_cols: Opti
         d_a = own_a.new_empty(segments * n_own, D, dtype=dtype)
         d_b = own_b.new_empty(segments * n_own, D, dtype=dtype) if mode else d_a  # never written
         _bwd.launch(lambda meta: (triton.cdiv(n_own, meta["BLOCK_O"]), n_chunks, segments),
-                    own_a, own_b, swept_a, swept_b, lse, grad_losses, d_a, d_b,
+                    own_a, own_b, swept_a, swept_b, row_lse, grad_losses, d_a, d_b,
                     n_own, n_swept, B, D, row_offset, segment_len,
                     OWNER_ROWS=owner_rows, SWEPT_ROWS=swept_rows, **consts)
         grads = (d_a, d_b) if mode else (d_a,)
@@ -300,53 +338,12 @@ def ntxent_bwd(grad_losses: Tensor, a: Tensor, b: Optional[Tensor], a_cols: Opti
             grads = tuple(g.view(segments, n_own, D).sum(dim=0).to(a.dtype) for g in grads)
         return grads if mode else (grads[0], a.new_empty(0))
 
-    if a_cols is None:  # single process: one symmetric sweep over the rows
-        # Absent gradients are distinct empty tensors: op outputs may not alias each other.
-        return [*sweep(a, b, a, b, True, True), a.new_empty(0), a.new_empty(0)]
-    a_cols = a_cols.contiguous()
-    b_cols = b_cols.contiguous() if mode else a_cols
-    da, db = sweep(a, b, a_cols, b_cols, True, False)
-    da_cols, db_cols = sweep(a_cols, b_cols, a, b, False, True)
+    with on_device_of(a):
+        if a_cols is None:  # single process: one symmetric sweep over the rows
+            # Absent gradients are distinct empty tensors: op outputs may not alias each other.
+            return [*sweep(a, b, a, b, True, True), a.new_empty(0), a.new_empty(0)]
+        a_cols = a_cols.contiguous()
+        b_cols = b_cols.contiguous() if mode else a_cols
+        da, db = sweep(a, b, a_cols, b_cols, True, False)
+        da_cols, db_cols = sweep(a_cols, b_cols, a, b, False, True)
     return [da, db, da_cols, db_cols]
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    a, b, a_cols, b_cols, row_offset, int_mode, precision = inputs
-    _, lse = output
-    ctx.save_for_backward(a, b, a_cols, b_cols, lse)
-    ctx.row_offset, ctx.int_mode, ctx.precision = row_offset, int_mode, precision
-    ctx.mark_non_differentiable(lse)
-
-
-def _backward(ctx, grad_losses, grad_lse):
-    a, b, a_cols, b_cols, lse = ctx.saved_tensors
-    da, db, da_cols, db_cols = ntxent_bwd(grad_losses, a, b, a_cols, b_cols, lse, ctx.row_offset,
-                                          ctx.int_mode, ctx.precision)
-    return (da, db if b is not None else None, da_cols if a_cols is not None else None,
-            db_cols if b_cols is not None else None, None, None, None)
-
-
-ntxent_fwd.register_autograd(_backward, setup_context=_setup_context)
-ntxent_bwd.register_autograd(no_double_backward("ntxent_bwd"), setup_context=ignore_context)
-
-
-def contrastive_losses(a: Tensor, b: Optional[Tensor], a_cols: Optional[Tensor],
-                       b_cols: Optional[Tensor], row_offset: int, int_mode: str
-                       ) -> Tuple[Tensor, Tensor]:
-    """Differentiable (L_base, L_int); the contract of `reference.contrastive_losses`.
-
-    a, b (B, D) this process's rows (B even: two views side by side), pre-scaled by
-    1/sqrt(tau); a_cols, b_cols (M, D) every column, or None when the columns are the rows.
-    Losses are float32 (float64 for float64 features); L_int is zero for int_mode "none".
-    """
-    check_device(a, b, a_cols, b_cols)
-    if a.shape[0] % 2:
-        raise ValueError(f"contrastive rows must be the two views stacked (an even count), got "
-                         f"{a.shape[0]}")
-    if int_mode not in INT_MODE_CODES:
-        raise ValueError(f"int_mode must be one of {', '.join(map(repr, INT_MODE_CODES))}, got "
-                         f"{int_mode!r}")
-    losses, _ = ntxent_fwd(a, b if int_mode != "none" else None, a_cols,
-                           b_cols if int_mode != "none" else None, row_offset, int_mode,
-                           dot_precision(a.dtype))
-    return losses[0], losses[1]

@@ -1,0 +1,175 @@
+"""The op surface shared by the fused backends: one schema, one autograd wiring, one backend class.
+
+Every fused backend registers the same four torch ops, in its own namespace (``icl_msr`` for the
+C++/CUDA extension, csrc/ops.cpp; ``icl_msr_triton`` for the Triton kernels):
+
+- ``attention_forward(x, prototypes, log_prior, inv_attn_temperature: float, prior_mode: str)
+  -> (c, row_lse)``: C = W P (docs/math.md §2 steps 4-6) for row-normalised x (B, D) and
+  prototypes (K, D), log_prior (K,); c in x's dtype, row_lse (B,) in the accumulation dtype.
+- ``attention_backward(grad_c, x, prototypes, log_prior, c, row_lse, inv_attn_temperature,
+  prior_mode) -> (grad_x, grad_prototypes, grad_log_prior)``, each in its input's dtype.
+- ``contrastive_forward(a, b?, a_cols?, b_cols?, positive_logits?, row_offset: int,
+  combine: str) -> (losses (2,), row_lse (2, B))``: both NT-Xent terms (steps 7-8) over
+  features pre-scaled by 1/sqrt(tau), as `interface.Kernels.contrastive` describes; combine is
+  "none", "concat" or "add"; losses and row_lse in the accumulation dtype.
+- ``contrastive_backward(grad_losses, a, b?, a_cols?, b_cols?, positive_logits?, row_lse,
+  row_offset, combine) -> (grad_a, grad_b, grad_a_cols, grad_b_cols)``: a tensor that was None
+  gets an empty (0-element) gradient.
+
+The accumulation dtype is float64 for float64 inputs and float32 for every other dtype. This
+module holds what the backends share on the Python side: the fake (meta) implementations, the
+autograd formulas (the backward ops give the first derivative; the gradient of the explicit
+positive logits is computed here once), the refusal of double backward, and `OpKernels`, the
+`interface.Kernels` object over a namespace's ops.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+OP_NAMES = ("attention_forward", "attention_backward", "contrastive_forward",
+            "contrastive_backward")
+
+
+def accum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 inputs accumulate in float64, the others in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake (meta) implementations: output shapes and dtypes only.
+
+def attention_forward_fake(x, prototypes, log_prior, inv_attn_temperature, prior_mode):
+    return torch.empty_like(x), x.new_empty(x.shape[0], dtype=accum_dtype(x.dtype))
+
+
+def attention_backward_fake(grad_c, x, prototypes, log_prior, c, row_lse, inv_attn_temperature,
+                            prior_mode):
+    return torch.empty_like(x), torch.empty_like(prototypes), torch.empty_like(log_prior)
+
+
+def contrastive_forward_fake(a, b, a_cols, b_cols, positive_logits, row_offset, combine):
+    acc = accum_dtype(a.dtype)
+    return a.new_empty(2, dtype=acc), a.new_empty(2, a.shape[0], dtype=acc)
+
+
+def contrastive_backward_fake(grad_losses, a, b, a_cols, b_cols, positive_logits, row_lse,
+                              row_offset, combine):
+    # Distinct tensors for absent inputs: op outputs may not alias each other.
+    return [a.new_empty(0) if t is None else torch.empty_like(t) for t in (a, b, a_cols, b_cols)]
+
+
+FAKES = {
+    "attention_forward": attention_forward_fake,
+    "attention_backward": attention_backward_fake,
+    "contrastive_forward": contrastive_forward_fake,
+    "contrastive_backward": contrastive_backward_fake,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd.
+
+def positive_logit_grad(grad_losses: Tensor, positive_logits: Tensor, row_lse: Tensor,
+                        combine: str) -> Tensor:
+    """d(grad_losses · losses)/d positive_logits (2, B): g_t (softmax weight of the positive - 1)
+    / B per row; zero for the interventional row when there is no interventional term."""
+    rows = positive_logits.shape[1]
+    acc = row_lse.dtype
+    weight = torch.exp(positive_logits.to(acc) - row_lse) - 1
+    grad = grad_losses.to(acc)[:, None] * weight / rows
+    if combine == "none":
+        grad = torch.cat([grad[:1], torch.zeros_like(grad[1:])])
+    return grad.to(positive_logits.dtype)
+
+
+def no_double_backward(backend: str):
+    """Autograd formula of a backward op: refuse, clearly, to differentiate it."""
+
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"icl_msr_kernels: backend {backend!r} computes first-order gradients only; double "
+            f"backward (a gradient of a gradient, e.g. torch.autograd.grad(..., "
+            f"create_graph=True) followed by another backward) is not supported. Use "
+            f"backend='reference' for higher-order gradients.")
+
+    return backward
+
+
+def _nothing_to_save(ctx, inputs, output) -> None:
+    """setup_context of a backward op: its own backward only raises."""
+
+
+def register_autograd(namespace: str, backend: str) -> None:
+    """Autograd of ``namespace::*_forward`` through its ``*_backward`` ops (all four must be
+    defined); the backward ops refuse double backward naming `backend`."""
+    ops = getattr(torch.ops, namespace)
+
+    def attention_setup(ctx, inputs, output):
+        x, prototypes, log_prior, inv_attn_temperature, prior_mode = inputs
+        c, row_lse = output
+        ctx.save_for_backward(x, prototypes, log_prior, c, row_lse)
+        ctx.inv_attn_temperature, ctx.prior_mode = inv_attn_temperature, prior_mode
+        ctx.mark_non_differentiable(row_lse)
+
+    def attention_backward(ctx, grad_c, _grad_row_lse):
+        x, prototypes, log_prior, c, row_lse = ctx.saved_tensors
+        grads = ops.attention_backward(grad_c, x, prototypes, log_prior, c, row_lse,
+                                       ctx.inv_attn_temperature, ctx.prior_mode)
+        return (*grads, None, None)
+
+    def contrastive_setup(ctx, inputs, output):
+        a, b, a_cols, b_cols, positive_logits, row_offset, combine = inputs
+        _losses, row_lse = output
+        ctx.save_for_backward(a, b, a_cols, b_cols, positive_logits, row_lse)
+        ctx.row_offset, ctx.combine = row_offset, combine
+        ctx.mark_non_differentiable(row_lse)
+
+    def contrastive_backward(ctx, grad_losses, _grad_row_lse):
+        a, b, a_cols, b_cols, positive_logits, row_lse = ctx.saved_tensors
+        grads = ops.contrastive_backward(grad_losses, a, b, a_cols, b_cols, positive_logits,
+                                         row_lse, ctx.row_offset, ctx.combine)
+        grads = [g if t is not None else None for g, t in zip(grads, (a, b, a_cols, b_cols))]
+        grad_positive = (None if positive_logits is None else
+                         positive_logit_grad(grad_losses, positive_logits, row_lse, ctx.combine))
+        return (*grads, grad_positive, None, None)
+
+    torch.library.register_autograd(f"{namespace}::attention_forward", attention_backward,
+                                    setup_context=attention_setup)
+    torch.library.register_autograd(f"{namespace}::contrastive_forward", contrastive_backward,
+                                    setup_context=contrastive_setup)
+    for op in ("attention_backward", "contrastive_backward"):
+        torch.library.register_autograd(f"{namespace}::{op}", no_double_backward(backend),
+                                        setup_context=_nothing_to_save)
+
+
+# ---------------------------------------------------------------------------------------------
+# The backend object.
+
+class OpKernels:
+    """`interface.Kernels` over the four ops of one namespace."""
+
+    # float16/bfloat16 inputs: the glue runs in float32; the ops read the inputs as stored and
+    # accumulate in float32.
+    upcast_half = True
+
+    def __init__(self, name: str, namespace: str) -> None:
+        self.name = name
+        self.namespace = namespace
+
+    def _ops(self):
+        return getattr(torch.ops, self.namespace)
+
+    def attention(self, x: Tensor, prototypes: Tensor, log_prior: Tensor, attn_temperature: float,
+                  prior_mode: str) -> Tensor:
+        c, _row_lse = self._ops().attention_forward(x, prototypes, log_prior,
+                                                    1.0 / attn_temperature, prior_mode)
+        return c
+
+    def contrastive(self, a: Tensor, b: Tensor | None, a_cols: Tensor | None,
+                    b_cols: Tensor | None, row_offset: int, combine: str,
+                    positive_logits: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        losses, _row_lse = self._ops().contrastive_forward(a, b, a_cols, b_cols, positive_logits,
+                                                           row_offset, combine)
+        return losses[0], losses[1]

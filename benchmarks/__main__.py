@@ -15,6 +15,9 @@ Options:
   --providers A,B      a subset of: reference, reference-compiled, cpp, triton, cuda
                        (default: every one available on the device)
   --d D, --k K         embedding width and number of prototypes (default 128, 64)
+  --loss L             icl-msr (default) or ntxent (plain NT-Xent; with --bank, MoCo's loss,
+                       which is what lightly's NTXentLoss computes: provider "lightly")
+  --bank Q             memory-bank mode: N anchors against Q bank negatives (default 0: in-batch)
   --warmup W           warm-up steps before measuring (default 2: a compiled function still
                        allocates once on its second call); the first is timed apart
   --repeats R          at least R timed repeats (default 5, quick 3) ...
@@ -37,6 +40,7 @@ Examples:
   python -m benchmarks --quick
   python -m benchmarks --sizes 4096 --providers reference,reference-compiled,cpp
   python -m benchmarks --sizes 32768 --providers cpp --append
+  python -m benchmarks --sizes 4096 --bank 65536 --loss ntxent --providers lightly,reference,cpp
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ import torch
 
 from . import providers as prov
 from .gemm import best_gemm_rate
-from .problem import DTYPES
+from .problem import DTYPES, LOSSES
 from .record import Record
 from .report import (merge, method_notes, progress_line, read_csv, write_csv, write_markdown,
                      write_plots)
@@ -82,6 +86,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--providers", type=_csv_list)
     parser.add_argument("--d", type=int, default=128)
     parser.add_argument("--k", type=int, default=64)
+    parser.add_argument("--loss", default="icl-msr", choices=list(LOSSES))
+    parser.add_argument("--bank", type=int, default=0)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--min-time", type=float)
@@ -93,6 +99,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for dtype in args.dtypes or []:
         if dtype not in DTYPES:
             parser.error(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    if args.bank < 0:
+        parser.error("--bank must be >= 0")
     if args.warmup < 1:
         parser.error("--warmup must be at least 1 (the first call is never timed as a repeat)")
     return args
@@ -145,7 +153,8 @@ def _config(args: argparse.Namespace, device: torch.device,
     return SweepConfig(
         device=device, sizes=_sizes(args, device),
         dtypes=args.dtypes or (["float32", "bfloat16"] if device.type == "cuda" else ["float32"]),
-        providers=providers, d=args.d, k=args.k, warmup=args.warmup,
+        providers=providers, d=args.d, k=args.k, loss=args.loss, bank=args.bank,
+        warmup=args.warmup,
         min_repeats=args.repeats or (3 if args.quick else 5),
         min_time_s=args.min_time if args.min_time is not None else (0.3 if args.quick else 1.0),
         isolate={"auto": device.type == "cpu", "process": True, "none": False}[args.isolation],
@@ -186,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = _device(args.device)
     try:
-        providers, unavailable = prov.discover(device, args.providers)
+        providers, unavailable = prov.discover(device, args.providers, args.loss)
     except ValueError as err:
         sys.exit(str(err))
     if not providers:
@@ -206,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     for dtype in cfg.dtypes:
         gemm[dtype], gemm_shapes[dtype] = best_gemm_rate(device, DTYPES[dtype])
         print(f"GEMM {dtype}: {gemm_shapes[dtype]}; yardstick {gemm[dtype] / 1e9:.1f} GFLOP/s")
-    print(f"sizes: {', '.join(map(str, cfg.sizes))}; D={cfg.d}, K={cfg.k}; "
+    print(f"sizes: {', '.join(map(str, cfg.sizes))}; D={cfg.d}, K={cfg.k}; loss {cfg.loss}"
+          f"{f', bank Q={cfg.bank}' if cfg.bank else ''}; "
           f"{'a process per point' if cfg.isolate else 'in-process'}", flush=True)
 
     gemm_text = "; ".join(f"{d}: {gemm_shapes[d]}, yardstick {r / 1e9:.1f} GFLOP/s"
@@ -216,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         f"`python -m benchmarks {' '.join(argv)}`.",
         f"Machine: {device.type}, {machine}; torch {torch.__version__}; at start {_load()}.",
         f"GEMM rate (M×N×K, same run; the faster one is the floor's yardstick): {gemm_text}.",
-        *method_notes(cfg.d, cfg.k),
+        *method_notes(cfg.d, cfg.k, cfg.loss, cfg.bank),
     ]
     if unavailable:
         header.append("Not benchmarked: " + "; ".join(f"{k} ({v})" for k, v in

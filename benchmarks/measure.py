@@ -165,8 +165,8 @@ def _measure(spec: PointSpec, record: Record) -> None:
     provider = by_name(spec.provider)
     if provider.world_size != 1:
         raise NotImplementedError("distributed providers are not measured yet (providers.py)")
-    inputs = make_inputs(spec.n, spec.d, spec.k, DTYPES[spec.dtype], device)
-    step = provider.make_step()
+    inputs = make_inputs(spec.n, spec.d, spec.k, DTYPES[spec.dtype], device, bank=spec.bank)
+    step = provider.make_step(spec.loss)
     clock = clock_for(device)
 
     # First call on the wall clock: for torch.compile it is the compile time, reported apart.

@@ -31,14 +31,21 @@ PRODUCTS = {"fwd": 1, "bwd": 3, "fwdbwd": 4}
 DENSE_BUFFERS = 7.0
 
 
+# The losses a point can time: the ICL-MSR loss, or plain NT-Xent (with a bank: MoCo's, the one
+# lightly's NTXentLoss computes).
+LOSSES = ("icl-msr", "ntxent")
+
+
 @dataclass
 class Inputs:
-    """Leaf tensors of one loss call; every one of them gets a gradient."""
+    """Leaf tensors of one loss call; every one of them gets a gradient. `bank` (Q, D) unit rows
+    of negatives (a constant), or None for in-batch negatives."""
 
     z1: Tensor
     z2: Tensor
     prototypes: Tensor
     prior_logits: Tensor
+    bank: Tensor | None = None
 
     def leaves(self) -> tuple[Tensor, ...]:
         return (self.z1, self.z2, self.prototypes, self.prior_logits)
@@ -50,12 +57,14 @@ class Inputs:
             leaf.grad = None
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.leaves())
+        tensors = self.leaves() + ((self.bank,) if self.bank is not None else ())
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def make_inputs(n: int, d: int, k: int, dtype: torch.dtype, device: torch.device | str,
-                seed: int = 0) -> Inputs:
-    """Random (N, D) views, (K, D) prototypes and (K,) prior logits, all requiring grad.
+                seed: int = 0, bank: int = 0) -> Inputs:
+    """Random (N, D) views, (K, D) prototypes and (K,) prior logits, all requiring grad, and a
+    (bank, D) memory bank of unit rows when bank > 0 (float32, as a MoCo bank is kept).
 
     Generated on the CPU and copied, so every device and run sees the same numbers.
     """
@@ -64,16 +73,37 @@ def make_inputs(n: int, d: int, k: int, dtype: torch.dtype, device: torch.device
     def leaf(*shape: int) -> Tensor:
         return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype).requires_grad_()
 
-    return Inputs(leaf(n, d), leaf(n, d), leaf(k, d), leaf(k))
+    inputs = Inputs(leaf(n, d), leaf(n, d), leaf(k, d), leaf(k))
+    if bank:
+        rows = torch.randn(bank, d, generator=gen)
+        inputs.bank = (rows / rows.norm(dim=1, keepdim=True)).to(device)
+    return inputs
 
 
-def fused_flops(n: int, d: int, phase: str) -> float:
-    """FLOPs (2 per multiply-add) the fused algorithm must do at per-view N for `phase`."""
+# Memory-bank mode: N anchors against Q columns, one product per term for the forward; the
+# backward recomputes them and applies the coefficients to the rows and to the columns.
+BANK_PRODUCTS = {"fwd": 1, "bwd": 3, "fwdbwd": 4}
+
+
+def fused_flops(n: int, d: int, phase: str, loss: str = "icl-msr", bank: int = 0) -> float:
+    """FLOPs (2 per multiply-add) the fused algorithm must do at per-view N for `phase`.
+
+    In-batch: the symmetric model of PRODUCTS over (2N)² logits (the ICL-MSR features are
+    [x, √γ c], twice as wide, in one product; NT-Xent's are x). With a bank: per term
+    (NT-Xent one, ICL-MSR two: a·a' and b·b') BANK_PRODUCTS products of N × Q × D.
+    """
+    if bank:
+        terms = 1 if loss == "ntxent" else 2
+        return BANK_PRODUCTS[phase] * terms * 2.0 * n * bank * d
     rows = 2 * n
     return PRODUCTS[phase] * 2.0 * rows * rows * d
 
 
-def dense_bytes_estimate(n: int, dtype: torch.dtype) -> float:
-    """Rough peak above the inputs of a provider that materialises the (2N)^2 logits."""
+def dense_bytes_estimate(n: int, dtype: torch.dtype, bank: int = 0) -> float:
+    """Rough peak above the inputs of a provider that materialises the (2N)² (or N × Q)
+    logits."""
+    size = torch.empty((), dtype=dtype).element_size()
+    if bank:
+        return DENSE_BUFFERS * n * (bank + 2 * n) * size
     rows = 2 * n
-    return DENSE_BUFFERS * rows * rows * torch.empty((), dtype=dtype).element_size()
+    return DENSE_BUFFERS * rows * rows * size

@@ -28,6 +28,8 @@ class PointSpec:
     k: int
     dtype: str
     device: str
+    loss: str = "icl-msr"  # or "ntxent"
+    bank: int = 0  # Q rows of memory-bank negatives, 0 for in-batch negatives
     warmup: int = 2
     min_repeats: int = 3
     max_repeats: int = 20
@@ -48,6 +50,8 @@ class Record:
     d: int
     k: int
     provider: str
+    loss: str = "icl-msr"
+    bank: int = 0
     status: str = OK
     note: str = ""
     fwd_ms: float | None = None
@@ -64,11 +68,16 @@ class Record:
 
     @classmethod
     def for_spec(cls, spec: PointSpec, status: str = OK, note: str = "") -> "Record":
-        return cls(spec.device, spec.dtype, spec.n, spec.d, spec.k, spec.provider, status, note)
+        return cls(spec.device, spec.dtype, spec.n, spec.d, spec.k, spec.provider, spec.loss,
+                   spec.bank, status, note)
+
+    def problem(self) -> tuple:
+        """What was computed, whoever computed it."""
+        return (self.device, self.dtype, self.n, self.d, self.k, self.loss, self.bank)
 
     def key(self) -> tuple:
         """Identity of a point: --append replaces an old row with the same key."""
-        return (self.device, self.dtype, self.n, self.d, self.k, self.provider)
+        return (*self.problem(), self.provider)
 
     @property
     def ok(self) -> bool:
@@ -84,7 +93,8 @@ class Record:
         for phase in ("fwd", "bwd", "fwdbwd"):
             ms = getattr(self, f"{phase}_ms")
             if ms:
-                floor_s = fused_flops(self.n, self.d, phase) / gemm_flops_per_s
+                floor_s = fused_flops(self.n, self.d, phase, self.loss,
+                                      self.bank) / gemm_flops_per_s
                 setattr(self, f"floor_{phase}", floor_s / (ms / 1e3))
 
     def to_dict(self) -> dict[str, Any]:
@@ -97,9 +107,10 @@ class Record:
         for field in fields(cls):
             text = row.get(field.name, "")
             if field.type in ("str",):
-                values[field.name] = text
+                values[field.name] = text or (field.default if isinstance(field.default, str)
+                                              else "")
             elif text == "":
-                values[field.name] = None
+                values[field.name] = field.default if field.type == "int" else None
             elif field.type in ("int", "int | None"):
                 values[field.name] = int(float(text))
             else:

@@ -6,8 +6,8 @@ import csv
 from collections import defaultdict
 from pathlib import Path
 
-from .problem import PRODUCTS
-from .providers import COMPILED, EAGER, by_name
+from .problem import BANK_PRODUCTS, PRODUCTS
+from .providers import COMPILED, EAGER, LIGHTLY, by_name
 from .record import CSV_FIELDS, Record
 
 
@@ -42,7 +42,9 @@ def _ratio(num: float | None, den: float | None) -> str:
 
 def progress_line(index: int, total: int, r: Record) -> str:
     width = len(str(total))
-    head = f"[{index:>{width}}/{total}] {r.device} {r.dtype} N={r.n:<6} {r.provider:<19}"
+    bank = f" Q={r.bank}" if r.bank else ""
+    head = (f"[{index:>{width}}/{total}] {r.device} {r.dtype} {r.loss}{bank} N={r.n:<6} "
+            f"{r.provider:<19}")
     if not r.ok:
         return f"{head} {r.status}" + (f": {r.note}" if r.note else "")
     peak = "not measured" if r.mem_mb is None else f"{r.mem_mb:8.1f} MB"
@@ -81,37 +83,46 @@ def write_csv(records: list[Record], path: Path) -> None:
 # --------------------------------------------------------------------------------- markdown
 
 def _sorted(records: list[Record]) -> list[Record]:
-    order = {name: i for i, name in enumerate([EAGER, COMPILED])}
-    return sorted(records, key=lambda r: (r.device, r.dtype, r.n, order.get(r.provider, 9),
-                                          r.provider))
+    order = {name: i for i, name in enumerate([LIGHTLY, EAGER, COMPILED])}
+    return sorted(records, key=lambda r: (r.device, r.dtype, r.loss, r.bank, r.n,
+                                          order.get(r.provider, 9), r.provider))
+
+
+def _problem(r: Record) -> str:
+    return r.loss + (f", bank Q={r.bank}" if r.bank else "")
 
 
 def results_table(records: list[Record]) -> list[str]:
-    lines = ["| device | dtype | N | provider | fwd ms | bwd ms | fwd+bwd ms | peak MB | "
+    lines = ["| device | dtype | loss | N | provider | fwd ms | bwd ms | fwd+bwd ms | peak MB | "
              "floor | first call s | status |",
-             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+             "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in _sorted(records):
         status = r.status + (f": {r.note}" if r.note else "")
         floor = _pct(r.floor_fwdbwd) if _fused(r.provider) else ""
         first = f"{r.first_call_s:.2f}" if r.first_call_s is not None else "—"
-        lines.append(f"| {r.device} | {r.dtype} | {r.n} | {r.provider} | {_ms(r.fwd_ms)} | "
-                     f"{_ms(r.bwd_ms)} | {_ms(r.fwdbwd_ms)} | {_mb(r.mem_mb)} | {floor} | "
-                     f"{first} | {status} |")
+        lines.append(f"| {r.device} | {r.dtype} | {_problem(r)} | {r.n} | {r.provider} | "
+                     f"{_ms(r.fwd_ms)} | {_ms(r.bwd_ms)} | {_ms(r.fwdbwd_ms)} | "
+                     f"{_mb(r.mem_mb)} | {floor} | {first} | {status} |")
     return lines
 
 
 def ratio_tables(records: list[Record]) -> list[str]:
-    """Per fused provider: how it compares with the eager and compiled reference, point by point."""
+    """Per fused provider: how it compares with the eager and compiled reference (and lightly,
+    where it ran the same problem), point by point."""
     index = {r.key(): r for r in records}
     lines: list[str] = []
+    with_lightly = any(r.provider == LIGHTLY for r in records)
     for provider in sorted({r.provider for r in records if _fused(r.provider)}):
-        lines += ["", f"## {provider} against the reference (forward+backward)", "",
-                  "| device | dtype | N | time eager/this | time compiled/this | "
-                  "memory eager/this | floor |",
-                  "|---|---|---:|---:|---:|---:|---:|"]
+        head = "| device | dtype | loss | N | time eager/this | time compiled/this | "
+        head += "time lightly/this | memory lightly/this | " if with_lightly else ""
+        lines += ["", f"## {provider} against the eager baselines (forward+backward)", "",
+                  head + "memory eager/this | floor |",
+                  "|---|---|---|---:|---:|---:|" + ("---:|---:|" if with_lightly else "")
+                  + "---:|---:|"]
         for r in _sorted([r for r in records if r.provider == provider and r.ok]):
-            eager = index.get((r.device, r.dtype, r.n, r.d, r.k, EAGER))
-            compiled = index.get((r.device, r.dtype, r.n, r.d, r.k, COMPILED))
+            eager = index.get((*r.problem(), EAGER))
+            compiled = index.get((*r.problem(), COMPILED))
+            lightly = index.get((*r.problem(), LIGHTLY))
 
             def cell(other: Record | None, attr: str) -> str:
                 if other is None:
@@ -120,9 +131,11 @@ def ratio_tables(records: list[Record]) -> list[str]:
                     return other.status
                 return _ratio(getattr(other, attr), getattr(r, attr))
 
-            lines.append(f"| {r.device} | {r.dtype} | {r.n} | {cell(eager, 'fwdbwd_ms')} | "
-                         f"{cell(compiled, 'fwdbwd_ms')} | {cell(eager, 'mem_mb')} | "
-                         f"{_pct(r.floor_fwdbwd)} |")
+            lightly_cells = (f"{cell(lightly, 'fwdbwd_ms')} | {cell(lightly, 'mem_mb')} | "
+                             if with_lightly else "")
+            lines.append(f"| {r.device} | {r.dtype} | {_problem(r)} | {r.n} | "
+                         f"{cell(eager, 'fwdbwd_ms')} | {cell(compiled, 'fwdbwd_ms')} | "
+                         f"{lightly_cells}{cell(eager, 'mem_mb')} | {_pct(r.floor_fwdbwd)} |")
     return lines
 
 
@@ -133,18 +146,25 @@ def write_markdown(records: list[Record], meta: list[str], path: Path) -> str:
     return text
 
 
-def method_notes(d: int, k: int) -> list[str]:
+def method_notes(d: int, k: int, loss: str = "icl-msr", bank: int = 0) -> list[str]:
     """What the numbers mean, for the head of results.md."""
     products = ", ".join(f"{phase} {count}" for phase, count in PRODUCTS.items())
+    bank_products = ", ".join(f"{phase} {count}" for phase, count in BANK_PRODUCTS.items())
+    what = ("the default ICL-MSR options" if loss == "icl-msr" else "plain NT-Xent, τ = 0.07")
+    problem = (f"Problem: per-view N anchors against a memory bank of Q={bank} negatives, D={d}, "
+               f"K={k}, {what}." if bank else
+               f"Problem: per-view N rows (2N stacked), D={d}, K={k}, {what}.")
     return [
-        f"Problem: per-view N rows (2N stacked), D={d}, K={k}, the default ICL-MSR options.",
+        problem,
         "Times: median over repeats after warm-up, each repeat a fresh forward (autograd "
         "recording) and backward; fwd+bwd is the median of their per-repeat sums. "
         "'first call' is the first forward+backward, compilation included.",
         "Peak: memory above the inputs during one forward+backward after warm-up (CPU: VmHWM "
         "of a fresh process per point, reset before the step; CUDA: max_memory_allocated).",
         f"Floor: (FLOPs a fused kernel must do / GEMM rate) / time; FLOPs = products × 2·(2N)²·D "
-        f"with products {products}; shown for fused backends.",
+        f"with products {products} in-batch, or terms × products × 2·N·Q·D with products "
+        f"{bank_products} with a bank (terms: 1 for NT-Xent, 2 for ICL-MSR); shown for fused "
+        f"backends.",
     ]
 
 
@@ -154,7 +174,9 @@ def _series(records: list[Record]) -> dict[str, list[Record]]:
     devices = {r.device for r in records}
     series: dict[str, list[Record]] = defaultdict(list)
     for r in _sorted([r for r in records if r.ok]):
-        label = f"{r.provider} {r.dtype}" + (f" {r.device}" if len(devices) > 1 else "")
+        label = (f"{r.provider} {r.dtype}" + (f" {r.device}" if len(devices) > 1 else "")
+                 + (f" {r.loss}" if r.loss != "icl-msr" else "")
+                 + (f" Q={r.bank}" if r.bank else ""))
         series[label].append(r)
     return series
 

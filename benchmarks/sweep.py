@@ -39,6 +39,8 @@ class SweepConfig:
     providers: list[Provider]
     d: int = 128
     k: int = 64
+    loss: str = "icl-msr"
+    bank: int = 0
     warmup: int = 2
     min_repeats: int = 3
     max_repeats: int = 20
@@ -51,8 +53,8 @@ class SweepConfig:
             for n in self.sizes:
                 for provider in self.providers:
                     yield PointSpec(provider.name, n, self.d, self.k, dtype, str(self.device),
-                                    self.warmup, self.min_repeats, self.max_repeats,
-                                    self.min_time_s,
+                                    self.loss, self.bank, self.warmup, self.min_repeats,
+                                    self.max_repeats, self.min_time_s,
                                     measure_memory=self.isolate or self.device.type != "cpu")
 
 
@@ -96,8 +98,10 @@ class Gate:
         key = (spec.provider, spec.dtype)
         if key in self._last_ok:  # scale the largest measured peak: closer than the model
             n0, mem_mb = self._last_ok[key]
-            return EXTRAPOLATION_PAD * mem_mb * 2**20 * (spec.n / n0) ** 2
-        return dense_bytes_estimate(spec.n, DTYPES[spec.dtype])
+            # (2N)² logits grow quadratically in N, N × Q ones linearly.
+            power = 1 if spec.bank else 2
+            return EXTRAPOLATION_PAD * mem_mb * 2**20 * (spec.n / n0) ** power
+        return dense_bytes_estimate(spec.n, DTYPES[spec.dtype], spec.bank)
 
     def update(self, record: Record) -> None:
         key = (record.provider, record.dtype)

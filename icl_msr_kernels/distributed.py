@@ -27,8 +27,21 @@ def world_size() -> int:
     return 1
 
 
+# (world size, rows, columns, dtype) this rank has already checked against all others.
+_checked: set[tuple[int, int, int, torch.dtype]] = set()
+
+
 def _check_same_batch_shape(features: Tensor) -> None:
-    """Raise on every rank, rather than hang in all_gather, when the ranks' batches differ."""
+    """Raise on every rank, rather than hang in all_gather, when the ranks' batches differ.
+
+    The check costs a collective and a host read, so each rank runs it once per (shape, dtype)
+    it has not seen before, not every step. Ranks whose batches differ from the start meet it
+    together on their first call; ranks that switch to a new shape at the same step (a data
+    loader's shorter last batch comes at the same step everywhere) meet it together again.
+    """
+    key = (dist.get_world_size(), features.shape[0], features.shape[1], features.dtype)
+    if key in _checked:
+        return
     mine = torch.tensor([features.shape[0], features.shape[1],
                          _DTYPE_CODES.get(features.dtype, -1)],
                         dtype=torch.int64, device=features.device)
@@ -42,6 +55,7 @@ def _check_same_batch_shape(features: Tensor) -> None:
         raise ValueError(
             "gather_distributed=True needs the same batch shape and dtype on every rank "
             f"(2N stacked rows x D), got {described}")
+    _checked.add(key)
 
 
 class _AllGatherRows(torch.autograd.Function):

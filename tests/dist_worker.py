@@ -3,6 +3,8 @@
 usage: dist_worker.py RANK WORLD PORT OUT_DIR CASE BACKENDS
 CASE "match": per-rank slices of a fixed global batch; saves losses and gradients per config.
 CASE "mismatch": ranks with different batch sizes; saves the error message.
+CASE "dtype-mismatch": float16 on rank 0, bfloat16 on rank 1; saves the error message.
+CASE "collectives": counts all_gather calls over three steps of one shape.
 CASE "lightly": our NTXentLoss and lightly's on the same rank-local views, without and with a
 memory bank (gather_distributed=True); saves both losses, gradients and banks.
 """
@@ -48,6 +50,35 @@ def loss_and_grads(batch, config, backend, gather):
     return loss.detach(), dict(zip(leaves, grads))
 
 
+def check_case(rank: int, case: str):
+    if case == "dtype-mismatch":
+        z = torch.randn(PER_RANK, 4).to(torch.float16 if rank == 0 else torch.bfloat16)
+        try:
+            ntxent_loss(z, z.flip(0), gather_distributed=True, backend="reference")
+            return "no error"
+        except ValueError as err:
+            return str(err)
+    calls = []
+    real = dist.all_gather
+
+    def counting(*args, **kwargs):
+        calls.append(args[1].shape)
+        return real(*args, **kwargs)
+
+    dist.all_gather = counting
+    try:
+        counts = []
+        for _ in range(3):
+            before = len(calls)
+            z = torch.randn(PER_RANK, 4, requires_grad=True)
+            icl_msr_loss(z, z.flip(0), torch.randn(2, 4), gather_distributed=True,
+                         backend="reference").backward()
+            counts.append(len(calls) - before)
+        return counts
+    finally:
+        dist.all_gather = real
+
+
 def lightly_case(rank: int, backends: list[str]):
     from lightly.loss import NTXentLoss as LightlyNTXent
 
@@ -81,7 +112,9 @@ def main(rank: int, world: int, port: int, out_dir: str, case: str, backends: li
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
     try:
-        if case == "lightly":
+        if case in ("dtype-mismatch", "collectives"):
+            torch.save(check_case(rank, case), f"{out_dir}/rank{rank}.pt")
+        elif case == "lightly":
             torch.save(lightly_case(rank, backends), f"{out_dir}/rank{rank}.pt")
         elif case == "mismatch":
             z = torch.randn(PER_RANK + rank, 4)

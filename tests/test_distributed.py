@@ -69,6 +69,18 @@ def test_mismatched_batch_shapes_raise_on_every_rank(tmp_path):
         assert "same batch shape" in message and "rank 1: 8 rows" in message
 
 
+def test_mismatched_dtypes_raise_on_every_rank(tmp_path):
+    # float16 and bfloat16 have one element size: the check must compare the dtypes themselves.
+    for message in run_ranks(2, "dtype-mismatch", tmp_path, backends=["reference"]):
+        assert "same batch shape and dtype" in message and "bfloat16" in message, message
+
+
+def test_shape_check_runs_once_per_shape(tmp_path):
+    # First step: the check's gather plus the two feature gathers (a and b); then only those.
+    for counts in run_ranks(2, "collectives", tmp_path, backends=["reference"]):
+        assert counts == [3, 2, 2], counts
+
+
 def test_gather_without_process_group_is_the_local_loss():
     # lightly's and OpenCLIP's convention: the same script runs on one device and on many.
     gen = torch.Generator().manual_seed(3)

@@ -384,6 +384,74 @@ def test_kernels_compile_for_gpu(arch, dtype, precision, smem):
         assert compiled.metadata.shared <= smem, (kernel.fn.__name__, compiled.metadata.shared)
 
 
+def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
+    """(registers, spill bytes stored + loaded) of a kernel's PTX by the CUDA toolkit's ptxas."""
+    import re
+    import shutil
+    import tempfile
+
+    cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    ptxas = shutil.which("ptxas") or os.path.join(cuda_home, "bin", "ptxas")
+    if not os.path.isfile(ptxas):
+        pytest.skip(f"no ptxas (set CUDA_HOME; looked in {ptxas})")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        target = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"  # Triton targets sm_90a
+        proc = subprocess.run([ptxas, f"-arch={target}", "-v", path, "-o",
+                               os.path.join(tmp, "kernel.cubin")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = proc.stdout + proc.stderr
+    registers = int(re.search(r"Used (\d+) registers", report).group(1))
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    return registers, int(spills.group(1)) + int(spills.group(2))
+
+
+# (feature dtype, every shipped configuration or only the default)
+_SPILL_CASES = [("bf16", True), ("fp16", False), ("fp32", True)]
+
+
+@pytest.mark.skipif(INTERPRETED or not HAS_TRITON,
+                    reason="needs triton compiled, not interpreted")
+@pytest.mark.parametrize("dtype,every_config", _SPILL_CASES,
+                         ids=[f"{d}-{'all' if a else 'default'}" for d, a in _SPILL_CASES])
+def test_shipped_configs_do_not_spill(dtype, every_config):
+    """No Triton configuration we ship spills registers on sm_90 at D = 128, in the heaviest
+    mode of each kernel (ptxas -v on the ahead-of-time PTX)."""
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+    except ImportError as err:
+        pytest.skip(f"this Triton has no ahead-of-time compile API ({err})")
+    from icl_msr_kernels.kernels import triton_attention as attention
+    from icl_msr_kernels.kernels import triton_contrastive as contrastive
+    from icl_msr_kernels.kernels.triton_common import d_blocking, uses_fma
+
+    torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    fma = uses_fma(torch_dtype, "ieee")
+    fwd_d, bwd_d = (d_blocking(128, backward, torch_dtype, "ieee")[0]
+                    for backward in (False, True))
+    common = dict(FP64=False, PREC="ieee", ONE_D=True)
+    cases = [(contrastive._fwd, dict(INT_MODE=1, EXPLICIT_POS=False, BLOCK_D=fwd_d)),
+             (contrastive._bwd, dict(INT_MODE=1, OWNER_ROWS=True, SWEPT_ROWS=True,
+                                     EXPLICIT_POS=False, BLOCK_D=bwd_d)),
+             (attention._fwd, dict(MULT=True, BLOCK_D=fwd_d)),
+             (attention._bwd_rows, dict(MULT=True, BLOCK_D=bwd_d)),
+             (attention._bwd_protos, dict(MULT=True, BLOCK_D=bwd_d))]
+    spilling = []
+    for kernel, consts in cases:
+        kind = "fma" if fma else "mma"
+        configs = (kernel._tuners[kind][0].configs if every_config
+                   else [kernel.default_config(fma)])
+        for config in configs:
+            compiled = _compile_for(kernel, 90, dtype, {**common, **consts}, config)
+            registers, spilled = _ptxas_usage(compiled.asm["ptx"], 90)
+            if spilled:
+                spilling.append(f"{kernel.fn.__name__} {config}: {registers} registers, "
+                                f"{spilled} spill bytes")
+    assert not spilling, "\n".join(spilling)
+
+
 # ---------------------------------------------------------------------------------------------
 # CUDA
 

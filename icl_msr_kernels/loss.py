@@ -34,7 +34,8 @@ class _Features:
 
     a, b: the anchor rows' base and interventional features (b None without a prototype term);
     a_cols, b_cols: the columns (None: the rows themselves, or all ranks' rows when gathered);
-    positive_logits: (2, rows) in memory-bank mode, else None.
+    positive_logits: (2, rows) in memory-bank mode, else None; split: distributed negatives with
+    the job's tile pairs divided among the ranks (the columns are gathered inside).
     """
 
     a: Tensor
@@ -43,6 +44,7 @@ class _Features:
     b_cols: Tensor | None = None
     positive_logits: Tensor | None = None
     row_offset: int = 0
+    split: bool = False
 
 
 class _Glue:
@@ -96,8 +98,10 @@ def _features(glue: _Glue, z1: Tensor, z2: Tensor, temperature: float | Tensor,
 
     if bank is None:
         a, b = glue.stored(a), glue.stored(b)
-        from .distributed import gather_columns
+        from .distributed import gather_columns, world_size
 
+        if gather_distributed and world_size() > 1 and hasattr(glue.kernels, "pairs_forward"):
+            return _Features(a, b, split=True)
         a_cols, b_cols, row_offset = (gather_columns(a, b) if gather_distributed
                                       else (None, None, 0))
         return _Features(a, b, a_cols, b_cols, None, row_offset)
@@ -118,6 +122,10 @@ def _features(glue: _Glue, z1: Tensor, z2: Tensor, temperature: float | Tensor,
 
 def _contrastive(glue: _Glue, f: _Features, combine: str) -> tuple[Tensor, Tensor]:
     mode = "none" if f.b is None else combine
+    if f.split:
+        from .distributed import split_contrastive
+
+        return split_contrastive(glue.kernels, f.a, f.b, mode)
     return glue.kernels.contrastive(f.a, f.b, f.a_cols, f.b_cols, f.row_offset, mode,
                                     f.positive_logits)
 

@@ -3,6 +3,8 @@
 usage: dist_worker.py RANK WORLD PORT OUT_DIR CASE BACKENDS
 CASE "match": per-rank slices of a fixed global batch; saves losses and gradients per config.
 CASE "mismatch": ranks with different batch sizes; saves the error message.
+CASE "split": per-rank batches of several sizes, losses weighted differently on each rank, for
+every backend (the fused ones split the job's tile pairs; the reference gathers).
 CASE "dtype-mismatch": float16 on rank 0, bfloat16 on rank 1; saves the error message.
 CASE "collectives": counts all_gather calls over three steps of one shape.
 CASE "lightly": our NTXentLoss and lightly's on the same rank-local views, without and with a
@@ -48,6 +50,44 @@ def loss_and_grads(batch, config, backend, gather):
                             combine=combine, backend=backend, gather_distributed=gather)
     grads = torch.autograd.grad(loss, list(leaves.values()))
     return loss.detach(), dict(zip(leaves, grads))
+
+
+SPLIT_SIZES = (1, 3, 300)  # per-rank N; 300 makes 2N W rows no multiple of any tile
+
+
+def split_case(rank: int, world: int, backends: list[str]):
+    results = {}
+    for n in SPLIT_SIZES:
+        gen = torch.Generator().manual_seed(100 + n)
+        d, k = 7, 5
+        batch = {"z1": torch.randn(n * world, d, generator=gen, dtype=torch.float64),
+                 "z2": torch.randn(n * world, d, generator=gen, dtype=torch.float64),
+                 "prototypes": torch.randn(k, d, generator=gen, dtype=torch.float64),
+                 "prior_logits": torch.randn(k, generator=gen, dtype=torch.float64),
+                 "temperature": torch.tensor(0.3, dtype=torch.float64)}
+        rows = slice(rank * n, (rank + 1) * n)
+        for backend in backends:
+            for config in CONFIGS:
+                leaves = {name: (t[rows] if name in ("z1", "z2") else t).detach().clone()
+                          .requires_grad_(True) for name, t in batch.items()}
+                prior_mode, combine = config
+                if prior_mode == "ntxent":
+                    parts = (ntxent_loss(leaves["z1"], leaves["z2"],
+                                         temperature=leaves["temperature"], backend=backend,
+                                         gather_distributed=True),)
+                    leaves = {m: leaves[m] for m in ("z1", "z2", "temperature")}
+                else:
+                    parts = icl_msr_loss(leaves["z1"], leaves["z2"], leaves["prototypes"],
+                                         leaves["prior_logits"], temperature=leaves["temperature"],
+                                         attn_temperature=0.4, gamma=0.8, prior_mode=prior_mode,
+                                         combine=combine, backend=backend,
+                                         gather_distributed=True, return_parts=True)[1:]
+                # Unequal upstream gradients: each rank weighs its terms differently.
+                total = sum((1.0 + rank + 0.5 * t) * part for t, part in enumerate(parts))
+                grads = torch.autograd.grad(total, list(leaves.values()))
+                results[(n, backend, config)] = ([p.detach() for p in parts],
+                                                 dict(zip(leaves, grads)))
+    return results
 
 
 def check_case(rank: int, case: str):
@@ -112,7 +152,9 @@ def main(rank: int, world: int, port: int, out_dir: str, case: str, backends: li
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
     try:
-        if case in ("dtype-mismatch", "collectives"):
+        if case == "split":
+            torch.save(split_case(rank, world, backends), f"{out_dir}/rank{rank}.pt")
+        elif case in ("dtype-mismatch", "collectives"):
             torch.save(check_case(rank, case), f"{out_dir}/rank{rank}.pt")
         elif case == "lightly":
             torch.save(lightly_case(rank, backends), f"{out_dir}/rank{rank}.pt")

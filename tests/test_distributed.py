@@ -63,6 +63,28 @@ def test_ranks_reproduce_single_process_training(world, tmp_path):
                                            msg=f"{where} {name}")
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_split_sweep_equals_the_gathered_reference(world, tmp_path):
+    """The fused backends divide the job's tile pairs among the ranks; the reference gathers
+    every rank's rows. Same losses and gradients on every rank, for unequal upstream gradients,
+    N = 1, 3 and 300 per rank (no multiple of a tile)."""
+    from dist_worker import SPLIT_SIZES
+
+    ranks = run_ranks(world, "split", tmp_path)
+    for rank, results in enumerate(ranks):
+        for n in SPLIT_SIZES:
+            for config in CONFIGS:
+                want_parts, want = results[(n, "reference", config)]
+                for backend in CPU_BACKENDS:
+                    parts, grads = results[(n, backend, config)]
+                    where = f"{backend} {config} N={n} world={world} rank {rank}"
+                    for p, w in zip(parts, want_parts):
+                        torch.testing.assert_close(p, w, rtol=1e-10, atol=1e-12, msg=where)
+                    for name in want:
+                        torch.testing.assert_close(grads[name], want[name], rtol=1e-9,
+                                                   atol=1e-12, msg=f"{where} {name}")
+
+
 def test_mismatched_batch_shapes_raise_on_every_rank(tmp_path):
     messages = run_ranks(2, "mismatch", tmp_path, backends=["reference"])
     for message in messages:

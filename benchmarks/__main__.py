@@ -185,7 +185,11 @@ class Outputs:
 
     def finish(self, seconds: float) -> str:
         text = self.write(footer=[f"- Run time: {seconds:.0f} s; at the end {_load()}."])
-        plots = write_plots(merge(self.previous, self.done), self.out)
+        try:
+            plots = write_plots(merge(self.previous, self.done), self.out)
+        except ImportError as err:  # a GPU machine may lack matplotlib: the tables still count
+            print(f"plots skipped: {err}")
+            plots = []
         return text + "\n" + "wrote " + ", ".join(
             str(p) for p in [self.out / "results.csv", self.out / "results.md", *plots])
 

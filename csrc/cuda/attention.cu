@@ -215,15 +215,6 @@ __global__ void __launch_bounds__(kThreads) attention_backward_prototypes_kernel
   if (k < num_prototypes && tile_lane() == 0) slab_prior[split * num_prototypes + k] = prior_grad;
 }
 
-// 2^ceil(log2 m) of a 0-d tensor m > 0, exactly (as in contrastive.cu): frexp gives
-// m = mant 2^e with mant in [0.5, 1), and m / mant = 2^e is exact. Scaling by a power of two is
-// exact in every dtype (short of underflow), so float32/float64 results stay bit-identical.
-// Tensor ops on the device: reading m on the host would synchronise with the stream.
-at::Tensor pow2_at_least(const at::Tensor& m) {
-  const at::Tensor mant = std::get<0>(at::frexp(m));
-  return at::where(mant == 0.5, m, m / mant);
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& x_in,

@@ -211,15 +211,6 @@ __global__ void __launch_bounds__(kThreads) contrastive_backward_kernel(
 
 const void* data_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 
-// 2^ceil(log2 m) of a 0-d tensor m > 0, exactly: frexp gives m = mant 2^e with mant in [0.5, 1),
-// and m / mant = 2^e is exact. Dividing by a power of two and multiplying back is exact in every
-// dtype (short of underflow), so scaling by it leaves float32/float64 results bit-identical.
-// Tensor ops on the device: reading m on the host would synchronise with the stream.
-at::Tensor pow2_at_least(const at::Tensor& m) {
-  const at::Tensor mant = std::get<0>(at::frexp(m));
-  return at::where(mant == 0.5, m, m / mant);
-}
-
 template <typename T>
 const T* ptr(const at::Tensor& t) {
   return static_cast<const T*>(data_or_null(t));

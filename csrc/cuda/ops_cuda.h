@@ -36,6 +36,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_backward(
     const std::optional<at::Tensor>& positive_logits, const at::Tensor& row_lse,
     int64_t row_offset, c10::string_view combine);
 
+// 2^ceil(log2 m) of a 0-d tensor m > 0, exactly: frexp gives m = mant 2^e with mant in [0.5, 1),
+// and m / mant = 2^e is exact. The half-precision backwards divide their upstream gradient by it
+// before casting down (a loss scaler's 2^16 would overflow float16) and multiply back after:
+// exact in every dtype short of underflow, so float32/float64 results are unchanged. Tensor ops
+// on the device: reading m on the host would synchronise with the stream.
+inline at::Tensor pow2_at_least(const at::Tensor& m) {
+  const at::Tensor mant = std::get<0>(at::frexp(m));
+  return at::where(mant == 0.5, m, m / mant);
+}
+
 // The tensors of the attention ops, checked and made contiguous.
 struct AttentionInputs {
   at::Tensor x, prototypes, log_prior;

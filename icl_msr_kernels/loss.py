@@ -100,7 +100,8 @@ def _features(glue: _Glue, z1: Tensor, z2: Tensor, temperature: float | Tensor,
         a, b = glue.stored(a), glue.stored(b)
         from .distributed import gather_columns, world_size
 
-        if gather_distributed and world_size() > 1 and hasattr(glue.kernels, "pairs_forward"):
+        if gather_distributed and world_size() > 1 and getattr(glue.kernels, "supports_pairs",
+                                                               False):
             return _Features(a, b, split=True)
         a_cols, b_cols, row_offset = (gather_columns(a, b) if gather_distributed
                                       else (None, None, 0))

@@ -55,9 +55,19 @@ def loss_and_grads(batch, config, backend, gather):
 SPLIT_SIZES = (1, 3, 300)  # per-rank N; 300 makes 2N W rows no multiple of any tile
 
 
-def split_case(rank: int, world: int, backends: list[str]):
-    results = {}
-    for n in SPLIT_SIZES:
+def split_case(rank: int, world: int, backends: list[str], sizes=SPLIT_SIZES):
+    from icl_msr_kernels import distributed
+
+    results = {"split calls": {backend: 0 for backend in backends}}
+    real_apply = distributed.SplitContrastive.apply
+    current = {}
+
+    def counting_apply(*args):
+        results["split calls"][current["backend"]] += 1
+        return real_apply(*args)
+
+    distributed.SplitContrastive.apply = counting_apply
+    for n in sizes:
         gen = torch.Generator().manual_seed(100 + n)
         d, k = 7, 5
         batch = {"z1": torch.randn(n * world, d, generator=gen, dtype=torch.float64),
@@ -67,6 +77,7 @@ def split_case(rank: int, world: int, backends: list[str]):
                  "temperature": torch.tensor(0.3, dtype=torch.float64)}
         rows = slice(rank * n, (rank + 1) * n)
         for backend in backends:
+            current["backend"] = backend
             for config in CONFIGS:
                 leaves = {name: (t[rows] if name in ("z1", "z2") else t).detach().clone()
                           .requires_grad_(True) for name, t in batch.items()}
@@ -152,8 +163,9 @@ def main(rank: int, world: int, port: int, out_dir: str, case: str, backends: li
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
     try:
-        if case == "split":
-            torch.save(split_case(rank, world, backends), f"{out_dir}/rank{rank}.pt")
+        if case.startswith("split"):  # "split" or "split:N1,N2,..."
+            sizes = tuple(map(int, case.split(":")[1].split(","))) if ":" in case else SPLIT_SIZES
+            torch.save(split_case(rank, world, backends, sizes), f"{out_dir}/rank{rank}.pt")
         elif case in ("dtype-mismatch", "collectives"):
             torch.save(check_case(rank, case), f"{out_dir}/rank{rank}.pt")
         elif case == "lightly":

@@ -1,5 +1,6 @@
 """Distributed negatives (docs/math.md §6) with real gloo processes on loopback."""
 
+import importlib.util
 import os
 import socket
 import subprocess
@@ -22,9 +23,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(world: int, case: str, tmp_path, backends=CPU_BACKENDS):
+def run_ranks(world: int, case: str, tmp_path, backends=CPU_BACKENDS, extra_env=None):
     port = _free_port()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), **(extra_env or {}))
     procs = [subprocess.Popen([sys.executable, WORKER, str(r), str(world), str(port),
                                str(tmp_path), case, ",".join(backends)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -70,12 +71,28 @@ def test_split_sweep_equals_the_gathered_reference(world, tmp_path):
     N = 1, 3 and 300 per rank (no multiple of a tile)."""
     from dist_worker import SPLIT_SIZES
 
-    ranks = run_ranks(world, "split", tmp_path)
+    _assert_split_matches(run_ranks(world, "split", tmp_path), world, SPLIT_SIZES, CPU_BACKENDS)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_split_sweep_under_the_triton_interpreter(tmp_path):
+    """The Triton pair kernels (interpreted on the CPU) in the same split sweep."""
+    sizes = (1, 3, 20)
+    ranks = run_ranks(2, "split:" + ",".join(map(str, sizes)), tmp_path,
+                      backends=["reference", "triton"], extra_env={"TRITON_INTERPRET": "1"})
+    _assert_split_matches(ranks, 2, sizes, ["triton"])
+
+
+def _assert_split_matches(ranks, world, sizes, backends):
     for rank, results in enumerate(ranks):
-        for n in SPLIT_SIZES:
+        calls = results["split calls"]
+        assert calls["reference"] == 0, calls  # the truth keeps the plain gather
+        for backend in backends:  # one split sweep per loss call: the fused path really ran
+            assert calls[backend] == len(sizes) * len(CONFIGS), calls
+        for n in sizes:
             for config in CONFIGS:
                 want_parts, want = results[(n, "reference", config)]
-                for backend in CPU_BACKENDS:
+                for backend in backends:
                     parts, grads = results[(n, backend, config)]
                     where = f"{backend} {config} N={n} world={world} rank {rank}"
                     for p, w in zip(parts, want_parts):

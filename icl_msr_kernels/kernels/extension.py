@@ -42,7 +42,8 @@ def _register() -> None:
         raise BackendUnavailable(f"the C++ extension {spec.origin} does not define the ops "
                                  f"{missing}; rebuild it")
     for op, fake in ops.FAKES.items():
-        torch.library.register_fake(f"{NAMESPACE}::{op}", fake)
+        if hasattr(torch.ops.icl_msr, op):  # the pair ops are optional
+            torch.library.register_fake(f"{NAMESPACE}::{op}", fake)
     ops.register_autograd(NAMESPACE, "cpp/cuda")
 
 

@@ -16,6 +16,21 @@ C++/CUDA extension, csrc/ops.cpp; ``icl_msr_triton`` for the Triton kernels):
   row_offset, combine) -> (grad_a, grad_b, grad_a_cols, grad_b_cols)``: a tensor that was None
   gets an empty (0-element) gradient.
 
+and, for distributed negatives that split the job's symmetric sweep among the ranks
+(`distributed.SplitContrastive`; not differentiable themselves):
+
+- ``contrastive_pairs_forward(a, b?, block_starts, pairs, group_rows: int, combine) -> (max,
+  sum)``: over M rows a (M, D), b (M, Db) in groups of group_rows (each rank's two views), the
+  blocks [block_starts[k], block_starts[k+1]) and the listed unordered block pairs (P, 3) =
+  (round, i, j), the running (max, sum of exp) (2, M) of every row's negatives (its own and its
+  positive column excluded) over those pairs' tiles; -inf and 0 where a row saw none.
+- ``contrastive_pairs_backward(a, b?, block_starts, pairs, row_lse, row_scale, group_rows,
+  combine) -> (grad_a (M, D), grad_b (M, Db))``: those tiles' negatives' share of the gradient
+  of Σ_t Σ_g row_scale[t, g] (lse_t,g) given every row's full log-sum-exps row_lse (2, M); in the
+  accumulation dtype (grad_b empty for "none").
+
+A backend that registers the pair ops sets `pair_block_rows` (its preferred block size).
+
 The accumulation dtype is float64 for float64 inputs and float32 for every other dtype. This
 module holds what the backends share on the Python side: the fake (meta) implementations, the
 autograd formulas (the backward ops give the first derivative; the gradient of the explicit
@@ -60,11 +75,25 @@ def contrastive_backward_fake(grad_losses, a, b, a_cols, b_cols, positive_logits
     return [a.new_empty(0) if t is None else torch.empty_like(t) for t in (a, b, a_cols, b_cols)]
 
 
+def contrastive_pairs_forward_fake(a, b, block_starts, pairs, group_rows, combine):
+    acc = accum_dtype(a.dtype)
+    return a.new_empty(2, a.shape[0], dtype=acc), a.new_empty(2, a.shape[0], dtype=acc)
+
+
+def contrastive_pairs_backward_fake(a, b, block_starts, pairs, row_lse, row_scale, group_rows,
+                                    combine):
+    acc = accum_dtype(a.dtype)
+    grad_b = a.new_empty(0) if combine == "none" else b.new_empty(b.shape, dtype=acc)
+    return [a.new_empty(a.shape, dtype=acc), grad_b]
+
+
 FAKES = {
     "attention_forward": attention_forward_fake,
     "attention_backward": attention_backward_fake,
     "contrastive_forward": contrastive_forward_fake,
     "contrastive_backward": contrastive_backward_fake,
+    "contrastive_pairs_forward": contrastive_pairs_forward_fake,
+    "contrastive_pairs_backward": contrastive_pairs_backward_fake,
 }
 
 
@@ -154,12 +183,28 @@ class OpKernels:
     # accumulate in float32.
     upcast_half = True
 
-    def __init__(self, name: str, namespace: str) -> None:
+    def __init__(self, name: str, namespace: str, pair_block_rows: int = 512) -> None:
         self.name = name
         self.namespace = namespace
+        self.pair_block_rows = pair_block_rows
 
     def _ops(self):
         return getattr(torch.ops, self.namespace)
+
+    @property
+    def supports_pairs(self) -> bool:
+        """Whether the namespace has the pair ops (the split distributed sweep)."""
+        return hasattr(self._ops(), "contrastive_pairs_forward")
+
+    def pairs_forward(self, a, b, block_starts, pairs, group_rows, combine):
+        return self._ops().contrastive_pairs_forward(a, b, block_starts, pairs, group_rows,
+                                                     combine)
+
+    def pairs_backward(self, a, b, block_starts, pairs, row_lse, row_scale, group_rows,
+                       combine):
+        grad_a, grad_b = self._ops().contrastive_pairs_backward(
+            a, b, block_starts, pairs, row_lse, row_scale, group_rows, combine)
+        return grad_a, (grad_b if combine != "none" else None)
 
     def attention(self, x: Tensor, prototypes: Tensor, log_prior: Tensor, attn_temperature: float,
                   prior_mode: str) -> Tensor:

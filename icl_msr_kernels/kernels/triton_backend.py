@@ -20,7 +20,9 @@ from . import ops
 from .interface import BackendUnavailable
 
 NAMESPACE = "icl_msr_triton"
-_KERNELS = ops.OpKernels("triton", NAMESPACE)
+# Pair blocks of 512 rows: each program walks its pair in sub-tiles, and fewer blocks mean fewer
+# rounds (one launch each). Under the interpreter, small blocks make several rounds in tests.
+_KERNELS = ops.OpKernels("triton", NAMESPACE, pair_block_rows=512)
 _registered = False
 
 
@@ -36,10 +38,13 @@ def load() -> ops.OpKernels:
                                  f"{type(err).__name__}: {err}") from None
     if not _registered:
         try:  # registers the ops
-            from . import triton_attention, triton_contrastive  # noqa: F401
+            from . import triton_attention, triton_contrastive, triton_pairs  # noqa: F401
+            from . import triton_common
         except Exception as err:  # e.g. a Triton or torch too old for these kernels
             raise BackendUnavailable(f"the Triton kernels failed to load: {type(err).__name__}: "
                                      f"{err}") from None
         ops.register_autograd(NAMESPACE, "triton")
+        if triton_common.interpreting():
+            _KERNELS.pair_block_rows = 16
         _registered = True
     return _KERNELS

@@ -24,7 +24,10 @@ def _temperature_scale(temperature: float | Tensor, like: Tensor) -> float | Ten
     # Features scaled by 1/sqrt(tau) make every logit R/tau; a temperature tensor's gradient
     # then flows through this scale by plain autograd.
     if isinstance(temperature, Tensor):
-        return temperature.to(device=like.device, dtype=like.dtype).rsqrt()
+        tau = temperature.to(device=like.device, dtype=like.dtype)
+        # rsqrt(inf) = 0 would silently zero every logit: tau - tau + 1 is 1, or NaN for an
+        # infinite tau, without reading the value on the host. (tau <= 0 already gives NaN.)
+        return tau.rsqrt() * (tau - tau + 1)
     return temperature ** -0.5
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 from numbers import Real
 
-import torch
 from torch import Tensor
 
 PRIOR_MODES = ("logit", "mult")

@@ -17,7 +17,6 @@ import importlib.util
 import pytest
 import torch
 
-from helpers import PAIRS, assert_matches_reference, cast, loss_and_grads, make_inputs
 from icl_msr_kernels import ntxent_loss
 from icl_msr_kernels.reference import contrastive_losses, prototype_attention, rownorm
 
@@ -77,33 +76,8 @@ def test_every_cpu_op_has_a_cuda_kernel():
 
 
 # ---------------------------------------------------------------------------------------------
-# Through the public API, against the reference (docs/math.md §5 tolerances, tests/helpers.py).
+# Through the public API (the rest of the agreement with the reference is the conformance suite).
 
-DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
-# (n, d, k): the helpers' small default, and one that spans several tiles of every kind
-# (rows, columns, feature chunks, prototypes) with ragged edges.
-SIZES = [(6, 5, 3), (80, 100, 70)]
-
-
-@cuda
-@pytest.mark.parametrize("size", SIZES, ids=lambda s: "n{}-d{}-k{}".format(*s))
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("prior_mode,combine", PAIRS)
-def test_matches_reference(size, dtype, prior_mode, combine):
-    n, d, k = size
-    inputs = make_inputs(n, d, k, seed=n + d + k, device="cuda")
-    assert_matches_reference(inputs, "cuda", dtype, prior_mode=prior_mode, combine=combine)
-
-
-@cuda
-@pytest.mark.parametrize("size", [(1, 5, 3), (6, 1, 3), (6, 5, 1), (6, 130, 3), (6, 5, 1000),
-                                  (33, 7, 65)], ids=lambda s: "n{}-d{}-k{}".format(*s))
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-@pytest.mark.parametrize("prior_mode,combine", [("logit", "concat"), ("mult", "add")])
-def test_odd_sizes(size, dtype, prior_mode, combine):
-    n, d, k = size
-    inputs = make_inputs(n, d, k, seed=1, device="cuda")
-    assert_matches_reference(inputs, "cuda", dtype, prior_mode=prior_mode, combine=combine)
 
 
 @cuda
@@ -112,9 +86,9 @@ def test_ntxent_matches_reference(dtype):
     gen = torch.Generator().manual_seed(3)
     z1, z2 = (torch.randn(70, 9, generator=gen, dtype=torch.float64) for _ in range(2))
     losses = []
-    for backend, cast in (("cuda", dtype), ("reference", torch.float64)):
-        a = z1.to("cuda", cast).requires_grad_()
-        b = z2.to("cuda", cast).requires_grad_()
+    for backend, run_dtype in (("cuda", dtype), ("reference", torch.float64)):
+        a = z1.to("cuda", run_dtype).requires_grad_()
+        b = z2.to("cuda", run_dtype).requires_grad_()
         loss = ntxent_loss(a, b, temperature=0.3, backend=backend)
         losses.append((loss.double(), *(g.double() for g in torch.autograd.grad(loss, (a, b)))))
     tol = 1e-10 if dtype == torch.float64 else 1e-5
@@ -122,17 +96,6 @@ def test_ntxent_matches_reference(dtype):
     assert abs(loss.item() - ref.item()) <= tol * abs(ref.item())
     for g, r in ((ga, ref_a), (gb, ref_b)):
         assert (g - r).abs().max() <= 10 * tol * r.abs().max()
-
-
-@cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_deterministic(dtype):
-    """Same inputs, bit-identical loss and gradients (no atomics anywhere)."""
-    inputs = make_inputs(150, 70, 90, seed=4, device="cuda")
-    (parts0, grads0), *rest = [loss_and_grads(cast(inputs, dtype), "cuda") for _ in range(3)]
-    for parts, grads in rest:
-        assert all(torch.equal(p, q) for p, q in zip(parts, parts0))
-        assert all(torch.equal(grads[n], grads0[n]) for n in grads0)
 
 
 # ---------------------------------------------------------------------------------------------

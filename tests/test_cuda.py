@@ -79,7 +79,6 @@ def test_every_cpu_op_has_a_cuda_kernel():
 # Through the public API (the rest of the agreement with the reference is the conformance suite).
 
 
-
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_ntxent_matches_reference(dtype):

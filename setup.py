@@ -9,7 +9,6 @@ torch's headers and ABI, so build without isolation: `pip install --no-build-iso
 
 import glob
 import os
-import platform
 import re
 import sys
 
@@ -90,10 +89,9 @@ def extensions():
     openmp = aten_parallel_is_openmp(cpp_extension)
     cxx.append("-fopenmp" if openmp else "-fopenmp-simd")
     link_args = ["-fopenmp"] if openmp else []
-    if platform.machine().lower() in ("x86_64", "amd64"):
-        # AVX2 doubles the vector width over the x86-64 baseline (and matches AVX-512's
-        # throughput on AMD Zen 4, which splits 512-bit operations in two).
-        cxx += ["-mavx2", "-mfma"]
+    # No -march/-mavx2: the build must run on any CPU of its architecture. The vectorised tile
+    # passes are compiled for AVX2 + FMA as well (a target pragma in csrc/cpu/tile_passes_avx2.cpp)
+    # and chosen at run time (csrc/cpu/tile_passes.h).
     include_dirs = [os.path.join(ROOT, "csrc")]
     if with_cuda:
         ext = cpp_extension.CUDAExtension(

@@ -6,16 +6,22 @@
 // The logits are only ever held as row-block x column-block tiles: the forward keeps each row's
 // running (max, sum of exp) per term and saves the row log-sum-exps; the backward recomputes each
 // tile and turns it, in place, into its gradient coefficients, which two BLAS products apply to
-// the feature rows.
+// the feature rows. The elementwise passes over a tile are tile_passes.h's, compiled for AVX2 and
+// for the baseline and chosen at run time.
+//
+// Both modes visit their tiles through one schedule (TileSchedule): rounds run one after the
+// other, the tasks of a round in parallel, each task's tiles in order, and no two tasks of a round
+// write the same rows. Each visit accumulates into its rows and/or its columns. So there are no
+// atomics, and every row accumulates its contributions in an order fixed by the schedule, which
+// depends on the sizes only (and the BLAS runs single-threaded inside the tasks, parallel_tasks):
+// results are bit-identical from run to run and for any thread count.
 //
 // Square mode (a_cols None, the single-process case) uses the symmetry of the logits: a tile
 // (i, j) of row blocks is computed once for the unordered pair {i, j}. Its rows feed the
 // statistics of block i and its columns those of block j; in the backward its coefficients are
 // G_ij + G_jiᵀ (each row's softmax with its own lse, docs/math.md §3), which give dA_i += T A_j and
 // dA_j += Tᵀ A_i. The pairs are visited in rounds in which no block appears twice (a round-robin
-// schedule), so the tasks of a round write disjoint rows: no atomics, and every row accumulates
-// its contributions in an order fixed by the schedule, not by the threads (bit-identical
-// results from run to run).
+// schedule), so the tasks of a round write disjoint rows.
 //
 // Rectangular mode (a_cols given: rows on this rank, columns gathered from all ranks, or the
 // negatives of a memory bank) has no symmetry to use: the forward and the row gradients sweep row
@@ -26,13 +32,14 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <optional>
 #include <tuple>
-#include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "cpu/cpu_common.h"
+#include "cpu/tile_passes.h"
 #include "tile_math.h"
 
 namespace icl_msr::cpu {
@@ -50,9 +57,15 @@ struct Contrastive {
   at::Tensor a, b, a_cols, b_cols;
   at::Tensor positive_logits;  // (2, rows), defined in memory-bank mode
   int64_t rows = 0, cols = 0, row_offset = 0;
+  // Rows come in groups of the two views stacked (all the rows, or one rank's in the split
+  // sweep): row r's positive is the other view of its sample, in its group.
+  int64_t group_rows = 0;
   Combine mode = kCombineNone;
   bool square = true;
   bool explicit_positive = false;
+  // The split sweep's pair tiles: positive entries are masked like the self ones and get no
+  // coefficient (the rank that owns a row adds its positive's gradient).
+  bool positives_elsewhere = false;
   bool has_int() const { return mode != kCombineNone; }
   int64_t terms() const { return has_int() ? 2 : 1; }
 };
@@ -73,6 +86,7 @@ Contrastive prepare(const at::Tensor& a, const std::optional<at::Tensor>& b,
   p.cols = shape.cols;
   p.row_offset = row_offset;
   p.square = shape.square;
+  p.group_rows = shape.rows;
   p.explicit_positive = shape.explicit_positive;
   if (p.explicit_positive) p.positive_logits = to_acc(*positive_logits, acc);
   p.a = to_acc(a, acc);
@@ -88,7 +102,7 @@ Contrastive prepare(const at::Tensor& a, const std::optional<at::Tensor>& b,
 }
 
 // ---------------------------------------------------------------------------------------------
-// Tile visiting orders.
+// The tile schedule.
 
 // Square mode: the row blocks. Their count is a multiple of 4 (when there is more than one), so
 // that every round of the schedule below splits evenly over 2 or 4 threads.
@@ -99,31 +113,87 @@ Blocks square_blocks(int64_t rows) {
 
 Blocks blocks_of(int64_t rows) { return Blocks(rows, (rows + kBlockRows - 1) / kBlockRows); }
 
-using Round = std::vector<std::pair<int64_t, int64_t>>;
+// One tile visit: the rows of row block i against the columns of column block j, accumulated
+// into the statistics or gradients of its rows (to_rows) and of its columns (to_cols: in square
+// mode a pair tile i != j, which also stands for its transpose, the tile of block j's rows; in
+// rectangular mode the column sweep, which gives the column gradients).
+struct TileVisit {
+  int64_t i, j;
+  bool to_rows, to_cols;
+};
+using Task = std::vector<TileVisit>;  // visited in order, on one thread
+using Round = std::vector<Task>;      // tasks that run in parallel, writing disjoint rows
 
 // Every unordered pair {i, j} of n blocks, i <= j, diagonal included, once, grouped in rounds
-// in which no block appears twice (the circle method). With m odd, round r pairs r + k with
-// r - k (mod m) for k = 1 .. (m-1)/2 and leaves r alone; r then takes its diagonal tile (n = m)
-// or meets the extra block n - 1 (n = m + 1, and a last round holds the diagonal tiles).
-std::vector<Round> tile_rounds(int64_t n) {
+// in which no block appears twice (the circle method): one task per pair. With m odd, round r
+// pairs r + k with r - k (mod m) for k = 1 .. (m-1)/2 and leaves r alone; r then takes its
+// diagonal tile (n = m) or meets the extra block n - 1 (n = m + 1, and a last round holds the
+// diagonal tiles).
+std::vector<Round> square_rounds(int64_t n) {
+  auto pair = [](int64_t i, int64_t j) {
+    return Task{{std::min(i, j), std::max(i, j), true, i != j}};
+  };
   const int64_t m = n % 2 == 1 ? n : n - 1;
   std::vector<Round> rounds;
   for (int64_t r = 0; r < m; ++r) {
-    Round round;
-    round.emplace_back(r, n == m ? r : n - 1);
-    for (int64_t k = 1; k <= (m - 1) / 2; ++k) {
-      const int64_t i = (r + k) % m, j = (r - k + m) % m;
-      round.emplace_back(std::min(i, j), std::max(i, j));
-    }
+    Round round{pair(r, n == m ? r : n - 1)};
+    for (int64_t k = 1; k <= (m - 1) / 2; ++k) round.push_back(pair((r + k) % m, (r - k + m) % m));
     rounds.push_back(std::move(round));
   }
   if (n != m) {
     Round diagonal;
-    for (int64_t i = 0; i < n; ++i) diagonal.emplace_back(i, i);
+    for (int64_t i = 0; i < n; ++i) diagonal.push_back(pair(i, i));
     rounds.push_back(std::move(diagonal));
   }
   return rounds;
 }
+
+enum class Sweep { kRows, kRowsThenColumns };
+
+// Rectangular mode: a row sweep (one task per row block, over all column blocks) and, for the
+// column gradients, a column sweep (one task per column block, over all row blocks) that
+// recomputes the tiles rather than two tasks writing the same rows.
+std::vector<Round> sweep_rounds(int64_t row_count, int64_t col_count, Sweep sweep) {
+  std::vector<Round> rounds;
+  Round rows(row_count);
+  for (int64_t i = 0; i < row_count; ++i) {
+    for (int64_t j = 0; j < col_count; ++j) rows[i].push_back({i, j, true, false});
+  }
+  rounds.push_back(std::move(rows));
+  if (sweep == Sweep::kRows) return rounds;
+  Round cols(col_count);
+  for (int64_t j = 0; j < col_count; ++j) {
+    for (int64_t i = 0; i < row_count; ++i) cols[j].push_back({i, j, false, true});
+  }
+  rounds.push_back(std::move(cols));
+  return rounds;
+}
+
+// The blocks and rounds of one call. Square mode ignores `sweep`: its pair tiles serve both
+// their rows and their columns.
+struct TileSchedule {
+  Blocks row_blocks, col_blocks;
+  std::vector<Round> rounds;
+
+  TileSchedule(const Contrastive& p, Sweep sweep)
+      : row_blocks(p.square ? square_blocks(p.rows) : blocks_of(p.rows)),
+        col_blocks(p.square ? row_blocks : blocks_of(p.cols)),
+        rounds(p.square ? square_rounds(row_blocks.count())
+                        : sweep_rounds(row_blocks.count(), col_blocks.count(), sweep)) {}
+
+  // The split sweep's share: the caller's blocks and rounds of pair tiles.
+  explicit TileSchedule(const PairsShape& shape)
+      : row_blocks(shape.starts), col_blocks(shape.starts) {
+    for (const auto& [begin, end] : shape.round_spans) {
+      Round round;
+      for (int64_t k = begin; k < end; ++k) {
+        const auto [i, j] = shape.pairs[k];
+        round.push_back(Task{{i, j, true, i != j}});
+      }
+      rounds.push_back(std::move(round));
+    }
+  }
+};
 
 // ---------------------------------------------------------------------------------------------
 // One tile.
@@ -133,9 +203,7 @@ std::vector<Round> tile_rounds(int64_t n) {
 template <typename T>
 struct Tile {
   at::Tensor base, inter;
-  T* row_scratch;   // rows
-  T* col_scratch;   // cols
-  T* col_scratch2;  // cols
+  TileScratch<T> scratch;
 };
 
 int64_t tile_scratch_elems(int64_t max_rows, int64_t max_cols) {
@@ -147,8 +215,25 @@ Tile<T> tile_buffers(const at::Tensor& flat, int64_t max_rows, int64_t max_cols,
                      Block cj) {
   const int64_t area = max_rows * max_cols;
   T* scratch = flat.data_ptr<T>() + 2 * area;
-  return {matrix(flat, 0, ri.size, cj.size), matrix(flat, area, ri.size, cj.size), scratch,
-          scratch + max_rows, scratch + max_rows + max_cols};
+  return {matrix(flat, 0, ri.size, cj.size), matrix(flat, area, ri.size, cj.size),
+          {scratch, scratch + max_rows, scratch + max_rows + max_cols}};
+}
+
+// Runs visit(v, rows, cols, tile) for every tile of the schedule, in its order, with the tile
+// buffers of the thread that runs it.
+template <typename T, typename F>
+void for_each_tile(const Contrastive& p, const TileSchedule& schedule, const F& visit) {
+  const int64_t rmax = schedule.row_blocks.max_size(), cmax = schedule.col_blocks.max_size();
+  ThreadScratch scratch(tile_scratch_elems(rmax, cmax), p.a.scalar_type());
+  for (const Round& round : schedule.rounds) {
+    parallel_tasks(static_cast<int64_t>(round.size()), [&](int64_t t) {
+      for (const TileVisit& v : round[t]) {
+        const Block ri = schedule.row_blocks[v.i], cj = schedule.col_blocks[v.j];
+        Tile<T> tile = tile_buffers<T>(scratch.get(), rmax, cmax, ri, cj);
+        visit(v, ri, cj, tile);
+      }
+    });
+  }
 }
 
 // The logits of rows ri against columns cj: base = a_i a_jᵀ; inter = the interventional logits.
@@ -173,13 +258,15 @@ void compute_logits(const Contrastive& p, Block ri, Block cj, Tile<T>& tile) {
 template <typename F>
 void for_each_positive(const Contrastive& p, Block ri, Block cj, const F& f) {
   if (p.explicit_positive) return;  // the positives are not among the columns
+  const int64_t g = p.group_rows;
+  auto positive = [g](int64_t row) { return row / g * g + (row % g + g / 2) % g; };
   for (int64_t r = 0; r < ri.size; ++r) {
-    const int64_t c = positive_column(ri.begin + r, p.rows, p.row_offset) - cj.begin;
+    const int64_t c = p.row_offset + positive(ri.begin + r) - cj.begin;
     if (c >= 0 && c < cj.size) f(r, c, ri.begin + r);
   }
   if (!p.square) return;
   for (int64_t c = 0; c < cj.size; ++c) {
-    const int64_t r = positive_column(cj.begin + c, p.rows, 0) - ri.begin;
+    const int64_t r = positive(cj.begin + c) - ri.begin;
     if (r >= 0 && r < ri.size) f(r, c, cj.begin + c);
   }
 }
@@ -195,309 +282,117 @@ void for_each_self(const Contrastive& p, Block ri, Block cj, const F& f) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// One exponential per tile entry.
-//
-// Both the forward statistics and the square backward coefficients need, for each entry, an
-// exponential relative to its row and one relative to its column. Both come from a single
-// exp(s - ref) with one reference per tile, scaled per row and column, when the references of
-// the rows and columns lie within kShiftRange of ref: then no sum or factor leaves the dtype's
-// range, and every term within ~20 (float) of its row's largest stays far above exp's underflow,
-// so what is lost is below the dtype's rounding. Otherwise (extreme logit ranges, masked rows,
-// NaN or Inf) the tile takes the exact path with two exponentials per entry.
-template <typename T>
-constexpr T kShiftRange = std::is_same_v<T, float> ? T(64) : T(600);
+// Forward.
 
-// Running (max, sum of exp(v - max)) of a block of rows, as lse_merge keeps them.
+// Upper bounds on the logits of a tile, from the largest feature row norms of its row and column
+// blocks (Cauchy-Schwarz): the reference of the one-exponential statistics pass
+// (tile_passes_impl.h). The norms are summed here in row order rather than by an ATen
+// reduction, whose order may depend on the thread count.
 template <typename T>
-struct RunningLse {
-  T* max;  // nullptr: not tracked
-  T* sum;
+class LogitBounds {
+ public:
+  LogitBounds(const Contrastive& p, const TileSchedule& s)
+      : mode_(p.mode),
+        a_(block_max_norms(p.a, s.row_blocks)),
+        b_(block_max_norms(p.b, s.row_blocks)),
+        a_cols_(p.square ? a_ : block_max_norms(p.a_cols, s.col_blocks)),
+        b_cols_(p.square ? b_ : block_max_norms(p.b_cols, s.col_blocks)) {}
+
+  // Term 0 (base) or 1 (interventional) of the tile of row block i and column block j.
+  T operator()(int64_t term, int64_t i, int64_t j) const {
+    const T base = a_[i] * a_cols_[j];
+    if (term == 0) return base;
+    const T second = b_[i] * b_cols_[j];
+    return mode_ == kCombineConcat ? base + second : second;
+  }
+
+ private:
+  static std::vector<T> block_max_norms(const at::Tensor& x, const Blocks& blocks) {
+    if (!x.defined()) return {};
+    const int64_t dim = x.size(1);
+    const T* v = x.data_ptr<T>();
+    std::vector<T> out(blocks.count(), T(0));
+    for (int64_t k = 0; k < blocks.count(); ++k) {
+      for (int64_t r = blocks[k].begin; r < blocks[k].end(); ++r) {
+        T sq = 0;
+        for (int64_t d = 0; d < dim; ++d) sq += v[r * dim + d] * v[r * dim + d];
+        out[k] = std::max(out[k], std::sqrt(sq));
+      }
+    }
+    return out;
+  }
+
+  Combine mode_;
+  std::vector<T> a_, b_, a_cols_, b_cols_;
 };
 
-// Exact path: maxima first, then sums of exp(s - max) per row and per column (cols.max given:
-// square mode, whose tile also stands for its transpose). A row or column whose entries are all
-// masked (-inf) has max -inf and is left unchanged.
+// Per term t (0 base, 1 interventional), entries t * rows + row: the running (max, sum of exp) of
+// the row's negatives, and its positive logit, merged in at the end (ntxent_row_term).
 template <typename T>
-void merge_stats_exact(const T* s, int64_t rows, int64_t cols, Tile<T>& tile, RunningLse<T> row,
-                       RunningLse<T> col) {
-  const bool with_cols = col.max != nullptr;
-  T* row_max = tile.row_scratch;
-  T* col_max = tile.col_scratch;
-  T* col_sum = tile.col_scratch2;
-  std::fill(col_max, col_max + cols, neg_inf<T>());
-  std::fill(col_sum, col_sum + cols, T(0));
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* s_row = s + r * cols;
-    T m = neg_inf<T>();
-    if (with_cols) {
-#pragma omp simd reduction(max : m)
-      for (int64_t c = 0; c < cols; ++c) {
-        m = std::max(m, s_row[c]);
-        col_max[c] = std::max(col_max[c], s_row[c]);
-      }
-    } else {
-#pragma omp simd reduction(max : m)
-      for (int64_t c = 0; c < cols; ++c) m = std::max(m, s_row[c]);
-    }
-    row_max[r] = m;
-  }
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* s_row = s + r * cols;
-    const T m = row_max[r];
-    T sum = 0;
-    if (with_cols) {
-#pragma omp simd reduction(+ : sum)
-      for (int64_t c = 0; c < cols; ++c) {
-        sum += exp_vec(s_row[c] - m);
-        col_sum[c] += exp_vec(s_row[c] - col_max[c]);
-      }
-    } else {
-#pragma omp simd reduction(+ : sum)
-      for (int64_t c = 0; c < cols; ++c) sum += exp_vec(s_row[c] - m);
-    }
-    lse_merge(row.max[r], row.sum[r], m, sum);
-  }
-  if (!with_cols) return;
-  for (int64_t c = 0; c < cols; ++c) lse_merge(col.max[c], col.sum[c], col_max[c], col_sum[c]);
-}
+struct RowStats {
+  std::vector<T> max, sum, pos;
 
-// Fast path: with `bound` >= every entry (Cauchy-Schwarz on the feature norms), the sums of
-// exp(s - bound) per row and column, one pass and one exponential per entry. Merges nothing and
-// returns false when some sum is below exp(-kShiftRange) (its entries lie far below the bound,
-// or are all masked, or NaN).
-template <typename T>
-bool merge_stats_bounded(const T* s, int64_t rows, int64_t cols, T bound, Tile<T>& tile,
-                         RunningLse<T> row, RunningLse<T> col) {
-  const bool with_cols = col.max != nullptr;
-  T* row_sum = tile.row_scratch;
-  T* col_sum = tile.col_scratch;
-  std::fill(col_sum, col_sum + cols, T(0));
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* s_row = s + r * cols;
-    T sum = 0;
-    if (with_cols) {
-#pragma omp simd reduction(+ : sum)
-      for (int64_t c = 0; c < cols; ++c) {
-        const T e = exp_vec(s_row[c] - bound);
-        sum += e;
-        col_sum[c] += e;
-      }
-    } else {
-#pragma omp simd reduction(+ : sum)
-      for (int64_t c = 0; c < cols; ++c) sum += exp_vec(s_row[c] - bound);
-    }
-    row_sum[r] = sum;
-  }
-  const T min_sum = std::exp(-kShiftRange<T>);
-  auto trusted = [&](const T* sums, int64_t n) {
-    return std::all_of(sums, sums + n, [&](T v) { return v >= min_sum; });
-  };
-  if (!trusted(row_sum, rows) || (with_cols && !trusted(col_sum, cols))) return false;
-  for (int64_t r = 0; r < rows; ++r) lse_merge(row.max[r], row.sum[r], bound, row_sum[r]);
-  if (with_cols) {
-    for (int64_t c = 0; c < cols; ++c) lse_merge(col.max[c], col.sum[c], bound, col_sum[c]);
-  }
-  return true;
-}
-
-// Merges a (rows x cols) logit tile into the running statistics of its rows and, when col.max
-// is given, of its columns.
-template <typename T>
-void merge_tile_stats(const T* s, int64_t rows, int64_t cols, T bound, Tile<T>& tile,
-                      RunningLse<T> row, RunningLse<T> col) {
-  if (!merge_stats_bounded(s, rows, cols, bound, tile, row, col)) {
-    merge_stats_exact(s, rows, cols, tile, row, col);
-  }
-}
-
-// Turns a logit tile, in place, into its NT-Xent gradient coefficients without the positive and
-// self corrections: scale * exp(s - lse_row) (the anchor rows' softmax, docs/math.md §3), plus
-// scale * exp(s - lse_col) when kCols (square mode: the transposed tile's softmax), plus add[]
-// when kAdd ("concat": the interventional coefficients of the same entries).
-template <typename T, bool kCols, bool kAdd>
-void coefficients_exact(T* s, int64_t rows, int64_t cols, const T* lse_rows, const T* lse_cols,
-                        T scale, const T* add) {
-  for (int64_t r = 0; r < rows; ++r) {
-    T* s_row = s + r * cols;
-    const T* add_row = kAdd ? add + r * cols : nullptr;
-    const T lse_r = lse_rows[r];
-#pragma omp simd
-    for (int64_t c = 0; c < cols; ++c) {
-      T v = exp_vec(s_row[c] - lse_r);
-      if constexpr (kCols) v += exp_vec(s_row[c] - lse_cols[c]);
-      v *= scale;
-      if constexpr (kAdd) v += add_row[c];
-      s_row[c] = v;
+  explicit RowStats(const Contrastive& p)
+      : max(2 * p.rows, neg_inf<T>()), sum(2 * p.rows, T(0)), pos(2 * p.rows, T(0)) {
+    if (p.explicit_positive) {
+      const T* given = p.positive_logits.data_ptr<T>();
+      std::copy(given, given + 2 * p.rows, pos.begin());
     }
   }
-}
-
-// The same for kCols with one exponential per entry: exp(s - lse_r) + exp(s - lse_c)
-// = exp(s - ref) (u_r + v_c), u_r = exp(ref - lse_r), v_c = exp(ref - lse_c), ref the largest
-// lse of the tile's rows and columns (every entry but the self ones is <= its row's and its
-// column's lse). Returns false, leaving the tile unchanged, when the lse spread exceeds
-// kShiftRange.
-template <typename T, bool kAdd>
-bool coefficients_shared_exp(T* s, int64_t rows, int64_t cols, const T* lse_rows,
-                             const T* lse_cols, T scale, const T* add, Tile<T>& tile) {
-  const auto [row_lo, row_hi] = std::minmax_element(lse_rows, lse_rows + rows);
-  const auto [col_lo, col_hi] = std::minmax_element(lse_cols, lse_cols + cols);
-  const T ref = std::max(*row_hi, *col_hi);
-  // Negated so that NaN fails the test.
-  if (!(ref - std::min(*row_lo, *col_lo) <= kShiftRange<T>)) return false;
-  T* u = tile.row_scratch;
-  T* v = tile.col_scratch;
-  for (int64_t r = 0; r < rows; ++r) u[r] = scale * std::exp(ref - lse_rows[r]);
-  for (int64_t c = 0; c < cols; ++c) v[c] = scale * std::exp(ref - lse_cols[c]);
-  for (int64_t r = 0; r < rows; ++r) {
-    T* s_row = s + r * cols;
-    const T* add_row = kAdd ? add + r * cols : nullptr;
-    const T u_r = u[r];
-#pragma omp simd
-    for (int64_t c = 0; c < cols; ++c) {
-      T w = exp_vec(s_row[c] - ref) * (u_r + v[c]);
-      if constexpr (kAdd) w += add_row[c];
-      s_row[c] = w;
-    }
+  RunningLse<T> running(int64_t offset, Block b) {
+    return {&max[offset + b.begin], &sum[offset + b.begin]};
   }
-  return true;
-}
+};
 
-template <typename T, bool kAdd>
-void coefficients(T* s, int64_t rows, int64_t cols, const T* lse_rows, const T* lse_cols,
-                  T scale, const T* add, Tile<T>& tile) {
-  if (lse_cols == nullptr) {
-    return coefficients_exact<T, false, kAdd>(s, rows, cols, lse_rows, lse_cols, scale, add);
-  }
-  if (!coefficients_shared_exp<T, kAdd>(s, rows, cols, lse_rows, lse_cols, scale, add, tile)) {
-    coefficients_exact<T, true, kAdd>(s, rows, cols, lse_rows, lse_cols, scale, add);
-  }
-}
-
-// Gradient coefficients of one term's tile: `coefficients` (adding add[] when given), then the
-// self entries (excluded from the softmax) set to 0 and the positive indicator subtracted:
-// ntxent_grad_coef of tile_math.h, summed over the tile and its transpose in square mode.
+// Merges one tile's logits into the statistics of its rows and, for a visit to_cols (square pair
+// tiles), of its columns.
 template <typename T>
-void term_coefficients(const Contrastive& p, Block ri, Block cj, T* s, const T* lse, T scale,
-                       const T* add, Tile<T>& tile) {
-  const T* lse_rows = lse + ri.begin;
-  const T* lse_cols = p.square ? lse + cj.begin : nullptr;
-  if (add != nullptr) {
-    coefficients<T, true>(s, ri.size, cj.size, lse_rows, lse_cols, scale, add, tile);
-  } else {
-    coefficients<T, false>(s, ri.size, cj.size, lse_rows, lse_cols, scale, add, tile);
-  }
-  for_each_self(p, ri, cj, [&](int64_t r, int64_t c) { s[r * cj.size + c] = T(0); });
-  for_each_positive(p, ri, cj,
-                    [&](int64_t r, int64_t c, int64_t) { s[r * cj.size + c] -= scale; });
-}
-
-// Both terms' coefficient tiles of rows ri x columns cj, from the saved row log-sum-exps
-// (2 x rows) and scale[t] = dLoss/dL_t / rows. Afterwards tile.base multiplies the a features
-// ("concat": base + interventional coefficients, as both terms' logits contain a·a') and
-// tile.inter the b features.
-template <typename T>
-void gradient_tile(const Contrastive& p, Block ri, Block cj, Tile<T>& tile, const T* row_lse,
-                   const T* scale) {
+void merge_tile(const Contrastive& p, const LogitBounds<T>& bounds, const TileVisit& v, Block ri,
+                Block cj, Tile<T>& tile, RowStats<T>& stats) {
   compute_logits(p, ri, cj, tile);
-  T* base = tile.base.template data_ptr<T>();
-  T* inter = p.has_int() ? tile.inter.template data_ptr<T>() : nullptr;
-  if (p.has_int()) {
-    term_coefficients<T>(p, ri, cj, inter, row_lse + p.rows, scale[1], nullptr, tile);
+  for (int64_t t = 0; t < p.terms(); ++t) {
+    T* s = (t == 0 ? tile.base : tile.inter).template data_ptr<T>();
+    const int64_t o = t * p.rows;
+    // The positive logits are read, then masked out with the self logits. (In square mode an
+    // entry is row r's positive exactly when it is column c's, so one mask serves both.)
+    for_each_positive(p, ri, cj, [&](int64_t r, int64_t c, int64_t anchor) {
+      stats.pos[o + anchor] = s[r * cj.size + c];
+    });
+    for_each_positive(p, ri, cj,
+                      [&](int64_t r, int64_t c, int64_t) { s[r * cj.size + c] = neg_inf<T>(); });
+    for_each_self(p, ri, cj, [&](int64_t r, int64_t c) { s[r * cj.size + c] = neg_inf<T>(); });
+    const RunningLse<T> cols = v.to_cols ? stats.running(o, cj) : RunningLse<T>{nullptr, nullptr};
+    tile_passes<T>().merge_stats(s, ri.size, cj.size, bounds(t, v.i, v.j), tile.scratch,
+                                 stats.running(o, ri), cols);
   }
-  term_coefficients<T>(p, ri, cj, base, row_lse, scale[0],
-                       p.mode == kCombineConcat ? inter : nullptr, tile);
 }
 
-// ---------------------------------------------------------------------------------------------
-// Forward.
+// L_t = mean over rows of (lse - positive logit), summed in float64 in row order; row_lse gets
+// each row's log-sum-exp over its positive and negatives.
+template <typename T>
+void finish_forward(const Contrastive& p, const RowStats<T>& stats, T* losses, T* row_lse) {
+  for (int64_t t = 0; t < p.terms(); ++t) {
+    double total = 0;
+    for (int64_t r = 0; r < p.rows; ++r) {
+      const int64_t i = t * p.rows + r;
+      const T term = ntxent_row_term(lse_finish(stats.max[i], stats.sum[i]), stats.pos[i]);
+      row_lse[i] = stats.pos[i] + term;
+      total += static_cast<double>(term);
+    }
+    losses[t] = static_cast<T>(total / static_cast<double>(p.rows));
+  }
+}
 
 template <typename T>
 void forward_impl(const Contrastive& p, T* losses, T* row_lse) {
-  const int64_t rows = p.rows;
-  // Per term t (0 base, 1 interventional), entries t * rows + row.
-  // The running statistics are the negatives' only: the positive is merged in at the end
-  // (ntxent_row_term).
-  std::vector<T> run_max(2 * rows, neg_inf<T>()), run_sum(2 * rows, T(0)), pos(2 * rows, T(0));
-  if (p.explicit_positive) {
-    const T* given = p.positive_logits.data_ptr<T>();
-    std::copy(given, given + 2 * rows, pos.begin());
-  }
-
-  // A bound on the logits of a tile, from the features' row norms (Cauchy-Schwarz).
-  auto norms = [](const at::Tensor& x) {
-    return x.defined() ? at::linalg_vector_norm(x, 2, {1}) : at::Tensor();
-  };
-  const at::Tensor norm_a = norms(p.a), norm_b = norms(p.b);
-  const at::Tensor norm_a_cols = p.square ? norm_a : norms(p.a_cols);
-  const at::Tensor norm_b_cols = p.square ? norm_b : norms(p.b_cols);
-  auto max_norm = [](const at::Tensor& n, Block blk) {
-    const T* v = n.data_ptr<T>();
-    return *std::max_element(v + blk.begin, v + blk.end());
-  };
-  auto logit_bound = [&](int64_t term, Block ri, Block cj) {
-    const T base = max_norm(norm_a, ri) * max_norm(norm_a_cols, cj);
-    if (term == 0) return base;
-    const T second = max_norm(norm_b, ri) * max_norm(norm_b_cols, cj);
-    return p.mode == kCombineConcat ? base + second : second;
-  };
-
-  // Merges tile (ri, cj) into the statistics; with_cols for the square pair tiles i != j.
-  auto visit = [&](Block ri, Block cj, Tile<T>& tile, bool with_cols) {
-    compute_logits(p, ri, cj, tile);
-    for (int64_t t = 0; t < p.terms(); ++t) {
-      T* s = (t == 0 ? tile.base : tile.inter).template data_ptr<T>();
-      const int64_t o = t * rows;
-      // The positive logits are read, then masked out with the self logits. (In square mode an
-      // entry is row r's positive exactly when it is column c's, so one mask serves both.)
-      for_each_positive(p, ri, cj, [&](int64_t r, int64_t c, int64_t anchor) {
-        pos[o + anchor] = s[r * cj.size + c];
-      });
-      for_each_positive(p, ri, cj, [&](int64_t r, int64_t c, int64_t) {
-        s[r * cj.size + c] = neg_inf<T>();
-      });
-      for_each_self(p, ri, cj, [&](int64_t r, int64_t c) { s[r * cj.size + c] = neg_inf<T>(); });
-      const RunningLse<T> row_stats{&run_max[o + ri.begin], &run_sum[o + ri.begin]};
-      const RunningLse<T> col_stats{with_cols ? &run_max[o + cj.begin] : nullptr,
-                                    with_cols ? &run_sum[o + cj.begin] : nullptr};
-      merge_tile_stats(s, ri.size, cj.size, logit_bound(t, ri, cj), tile, row_stats, col_stats);
-    }
-  };
-
-  if (p.square) {
-    const Blocks blocks = square_blocks(rows);
-    const int64_t bmax = blocks.max_size();
-    ThreadScratch scratch(tile_scratch_elems(bmax, bmax), p.a.scalar_type());
-    for (const Round& round : tile_rounds(blocks.count())) {
-      parallel_tasks(static_cast<int64_t>(round.size()), [&](int64_t t) {
-        const auto [i, j] = round[t];
-        auto tile = tile_buffers<T>(scratch.get(), bmax, bmax, blocks[i], blocks[j]);
-        visit(blocks[i], blocks[j], tile, i != j);
-      });
-    }
-  } else {
-    const Blocks row_blocks = blocks_of(rows), col_blocks = blocks_of(p.cols);
-    const int64_t rmax = row_blocks.max_size(), cmax = col_blocks.max_size();
-    ThreadScratch scratch(tile_scratch_elems(rmax, cmax), p.a.scalar_type());
-    parallel_tasks(row_blocks.count(), [&](int64_t i) {
-      for (int64_t j = 0; j < col_blocks.count(); ++j) {
-        auto tile = tile_buffers<T>(scratch.get(), rmax, cmax, row_blocks[i], col_blocks[j]);
-        visit(row_blocks[i], col_blocks[j], tile, false);
-      }
-    });
-  }
-
-  // L_t = mean over rows of (lse - positive logit), summed in float64 in row order.
-  for (int64_t t = 0; t < p.terms(); ++t) {
-    double total = 0;
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t i = t * rows + r;
-      const T term = ntxent_row_term(lse_finish(run_max[i], run_sum[i]), pos[i]);
-      row_lse[i] = pos[i] + term;
-      total += static_cast<double>(term);
-    }
-    losses[t] = static_cast<T>(total / static_cast<double>(rows));
-  }
+  // Rectangular mode needs no column sweep: the columns are no anchors here.
+  const TileSchedule schedule(p, Sweep::kRows);
+  const LogitBounds<T> bounds(p, schedule);
+  RowStats<T> stats(p);
+  for_each_tile<T>(p, schedule, [&](const TileVisit& v, Block ri, Block cj, Tile<T>& tile) {
+    merge_tile(p, bounds, v, ri, cj, tile, stats);
+  });
+  finish_forward(p, stats, losses, row_lse);
 }
 
 std::tuple<at::Tensor, at::Tensor> contrastive_forward(
@@ -517,6 +412,49 @@ std::tuple<at::Tensor, at::Tensor> contrastive_forward(
 
 // ---------------------------------------------------------------------------------------------
 // Backward.
+
+// Gradient coefficients of one term's tile: tile_passes' coefficients (adding add[] when given),
+// then the self entries (excluded from the softmax) set to 0 and the positive indicator
+// subtracted: ntxent_grad_coef of tile_math.h, summed over the tile and its transpose in square
+// mode.
+// With row_scale (the split sweep), each row's and column's own weight replaces `scale`, and the
+// positive entries get 0: their gradient is added by the rank that owns the row.
+template <typename T>
+void term_coefficients(const Contrastive& p, Block ri, Block cj, T* s, const T* lse, T scale,
+                       const T* row_scale, const T* add, Tile<T>& tile) {
+  const T* lse_rows = lse + ri.begin;
+  const T* lse_cols = p.square ? lse + cj.begin : nullptr;
+  const T* scale_rows = row_scale ? row_scale + ri.begin : nullptr;
+  const T* scale_cols = row_scale ? row_scale + cj.begin : nullptr;
+  tile_passes<T>().coefficients(s, ri.size, cj.size, lse_rows, lse_cols, scale, scale_rows,
+                                scale_cols, add, tile.scratch);
+  for_each_self(p, ri, cj, [&](int64_t r, int64_t c) { s[r * cj.size + c] = T(0); });
+  if (p.positives_elsewhere) {
+    for_each_positive(p, ri, cj,
+                      [&](int64_t r, int64_t c, int64_t) { s[r * cj.size + c] = T(0); });
+  } else {
+    for_each_positive(p, ri, cj,
+                      [&](int64_t r, int64_t c, int64_t) { s[r * cj.size + c] -= scale; });
+  }
+}
+
+// Both terms' coefficient tiles of rows ri x columns cj, from the saved row log-sum-exps
+// (2 x rows) and scale[t] = dLoss/dL_t / rows. Afterwards tile.base multiplies the a features
+// ("concat": base + interventional coefficients, as both terms' logits contain a·a') and
+// tile.inter the b features.
+template <typename T>
+void gradient_tile(const Contrastive& p, Block ri, Block cj, Tile<T>& tile, const T* row_lse,
+                   const T* scale, const T* row_scale = nullptr) {
+  compute_logits(p, ri, cj, tile);
+  T* base = tile.base.template data_ptr<T>();
+  T* inter = p.has_int() ? tile.inter.template data_ptr<T>() : nullptr;
+  if (p.has_int()) {
+    term_coefficients<T>(p, ri, cj, inter, row_lse + p.rows, scale[1],
+                         row_scale ? row_scale + p.rows : nullptr, nullptr, tile);
+  }
+  term_coefficients<T>(p, ri, cj, base, row_lse, scale[0], row_scale,
+                       p.mode == kCombineConcat ? inter : nullptr, tile);
+}
 
 // Accumulates the gradients of the a and b features (rows, or columns with `transposed`) of one
 // coefficient tile: grad_x[rows ri] += T x[cols cj], or grad_x[cols cj] += Tᵀ x[rows ri].
@@ -538,41 +476,15 @@ void apply_tile(const Contrastive& p, Block ri, Block cj, const Tile<T>& tile, b
 template <typename T>
 void backward_impl(const Contrastive& p, const T* row_lse, const T* scale, at::Tensor& grad_a,
                    at::Tensor& grad_b, at::Tensor& grad_a_cols, at::Tensor& grad_b_cols) {
-  if (p.square) {
-    const Blocks blocks = square_blocks(p.rows);
-    const int64_t bmax = blocks.max_size();
-    ThreadScratch scratch(tile_scratch_elems(bmax, bmax), p.a.scalar_type());
-    for (const Round& round : tile_rounds(blocks.count())) {
-      parallel_tasks(static_cast<int64_t>(round.size()), [&](int64_t t) {
-        const auto [i, j] = round[t];
-        auto tile = tile_buffers<T>(scratch.get(), bmax, bmax, blocks[i], blocks[j]);
-        gradient_tile(p, blocks[i], blocks[j], tile, row_lse, scale);
-        apply_tile(p, blocks[i], blocks[j], tile, false, grad_a, grad_b);
-        // The tile also stands for tile (j, i) = its transpose (G + Gᵀ is symmetric).
-        if (i != j) apply_tile(p, blocks[i], blocks[j], tile, true, grad_a, grad_b);
-      });
-    }
-    return;
-  }
-  const Blocks row_blocks = blocks_of(p.rows), col_blocks = blocks_of(p.cols);
-  const int64_t rmax = row_blocks.max_size(), cmax = col_blocks.max_size();
-  ThreadScratch scratch(tile_scratch_elems(rmax, cmax), p.a.scalar_type());
-  // Each row block owns its gradient rows...
-  parallel_tasks(row_blocks.count(), [&](int64_t i) {
-    for (int64_t j = 0; j < col_blocks.count(); ++j) {
-      auto tile = tile_buffers<T>(scratch.get(), rmax, cmax, row_blocks[i], col_blocks[j]);
-      gradient_tile(p, row_blocks[i], col_blocks[j], tile, row_lse, scale);
-      apply_tile(p, row_blocks[i], col_blocks[j], tile, false, grad_a, grad_b);
-    }
-  });
-  // ...and each column block its gradient columns: the tiles are recomputed rather than the
-  // two sweeps writing the same rows.
-  parallel_tasks(col_blocks.count(), [&](int64_t j) {
-    for (int64_t i = 0; i < row_blocks.count(); ++i) {
-      auto tile = tile_buffers<T>(scratch.get(), rmax, cmax, row_blocks[i], col_blocks[j]);
-      gradient_tile(p, row_blocks[i], col_blocks[j], tile, row_lse, scale);
-      apply_tile(p, row_blocks[i], col_blocks[j], tile, true, grad_a_cols, grad_b_cols);
-    }
+  // In square mode the columns are the rows: a pair tile's transpose adds to the row gradients
+  // of its column block (G + Gᵀ is symmetric).
+  at::Tensor& col_grad_a = p.square ? grad_a : grad_a_cols;
+  at::Tensor& col_grad_b = p.square ? grad_b : grad_b_cols;
+  const TileSchedule schedule(p, Sweep::kRowsThenColumns);
+  for_each_tile<T>(p, schedule, [&](const TileVisit& v, Block ri, Block cj, Tile<T>& tile) {
+    gradient_tile(p, ri, cj, tile, row_lse, scale);
+    if (v.to_rows) apply_tile(p, ri, cj, tile, false, grad_a, grad_b);
+    if (v.to_cols) apply_tile(p, ri, cj, tile, true, col_grad_a, col_grad_b);
   });
 }
 
@@ -611,11 +523,82 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_backward(
           result(grad_b_cols, b_cols)};
 }
 
+// ---------------------------------------------------------------------------------------------
+// The split distributed sweep: the caller's share of the job's pair tiles over all ranks' rows
+// (docs/math.md §6). The same pair tiles as square mode, with the positives left to their owners.
+
+Contrastive prepare_pairs(const at::Tensor& a, const std::optional<at::Tensor>& b,
+                          const PairsShape& shape) {
+  TORCH_CHECK(a.device().is_cpu(), "a must be a CPU tensor for the CPU kernels, got one on ",
+              a.device());
+  const auto acc = accum_dtype(a.scalar_type());
+  Contrastive p;
+  p.mode = shape.combine;
+  p.rows = p.cols = shape.rows;
+  p.group_rows = shape.group_rows;
+  p.positives_elsewhere = true;
+  p.a = p.a_cols = to_acc(a, acc);
+  if (shape.uses_b) p.b = p.b_cols = to_acc(*b, acc);
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> contrastive_pairs_forward(
+    const at::Tensor& a, const std::optional<at::Tensor>& b, const at::Tensor& block_starts,
+    const at::Tensor& pairs, int64_t group_rows, c10::string_view combine) {
+  const PairsShape shape = check_pairs_args(a, b, block_starts, pairs, group_rows, combine);
+  const Contrastive p = prepare_pairs(a, b, shape);
+  at::Tensor neg_max = at::full({2, p.rows}, -std::numeric_limits<double>::infinity(),
+                                p.a.options());
+  at::Tensor neg_sum = at::zeros({2, p.rows}, p.a.options());
+  AT_DISPATCH_FLOATING_TYPES(p.a.scalar_type(), "icl_msr::contrastive_pairs_forward", [&] {
+    using T = scalar_t;
+    const TileSchedule schedule(shape);
+    const LogitBounds<T> bounds(p, schedule);
+    RowStats<T> stats(p);  // its positive logits go unused: the owners compute them
+    for_each_tile<T>(p, schedule, [&](const TileVisit& v, Block ri, Block cj, Tile<T>& tile) {
+      merge_tile(p, bounds, v, ri, cj, tile, stats);
+    });
+    std::copy(stats.max.begin(), stats.max.end(), neg_max.data_ptr<T>());
+    std::copy(stats.sum.begin(), stats.sum.end(), neg_sum.data_ptr<T>());
+  });
+  return {neg_max, neg_sum};
+}
+
+std::tuple<at::Tensor, at::Tensor> contrastive_pairs_backward(
+    const at::Tensor& a, const std::optional<at::Tensor>& b, const at::Tensor& block_starts,
+    const at::Tensor& pairs, const at::Tensor& row_lse, const at::Tensor& row_scale,
+    int64_t group_rows, c10::string_view combine) {
+  const PairsShape shape = check_pairs_args(a, b, block_starts, pairs, group_rows, combine);
+  const Contrastive p = prepare_pairs(a, b, shape);
+  for (const auto& [t, name] : {std::pair{&row_lse, "row_lse"}, std::pair{&row_scale, "row_scale"}}) {
+    check_tensor(*t, name, 2, a.device());
+    check_size(*t, name, 0, 2, "rows (one per term)");
+    check_size(*t, name, 1, p.rows, "columns, one per row of a");
+  }
+  const auto acc = p.a.scalar_type();
+  const at::Tensor lse = to_acc(row_lse, acc), scales = to_acc(row_scale, acc);
+  at::Tensor grad_a = at::zeros_like(p.a);
+  at::Tensor grad_b = p.has_int() ? at::zeros_like(p.b) : at::empty({0}, p.a.options());
+  AT_DISPATCH_FLOATING_TYPES(acc, "icl_msr::contrastive_pairs_backward", [&] {
+    using T = scalar_t;
+    const T unused[2] = {T(0), T(0)};  // the per-row scales replace the per-term ones
+    const TileSchedule schedule(shape);
+    for_each_tile<T>(p, schedule, [&](const TileVisit& v, Block ri, Block cj, Tile<T>& tile) {
+      gradient_tile(p, ri, cj, tile, lse.data_ptr<T>(), unused, scales.data_ptr<T>());
+      apply_tile(p, ri, cj, tile, false, grad_a, grad_b);
+      if (v.to_cols) apply_tile(p, ri, cj, tile, true, grad_a, grad_b);
+    });
+  });
+  return {grad_a, grad_b};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(icl_msr, CPU, m) {
   m.impl("contrastive_forward", &contrastive_forward);
   m.impl("contrastive_backward", &contrastive_backward);
+  m.impl("contrastive_pairs_forward", &contrastive_pairs_forward);
+  m.impl("contrastive_pairs_backward", &contrastive_pairs_backward);
 }
 
 }  // namespace icl_msr::cpu

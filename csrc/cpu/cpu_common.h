@@ -1,6 +1,6 @@
 // Helpers shared by the CPU kernels (attention.cpp, contrastive.cpp): conversions to the
-// accumulation dtype, row blocks, the parallel loop and a vectorisable exp. The argument checks
-// are shared with the CUDA kernels (csrc/checks.h).
+// accumulation dtype, row blocks and the parallel loop. The argument checks are shared with the
+// CUDA kernels (csrc/checks.h), the vectorised tile passes live in tile_passes.h.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -8,10 +8,11 @@
 #include <c10/core/InferenceMode.h>
 
 #include <algorithm>
-#include <cstring>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <utility>
+#include <vector>
 
 #include "checks.h"
 
@@ -39,31 +40,42 @@ struct Block {
 };
 
 // `n` rows cut into `count` blocks of near-equal size (the first n % count one row longer).
+// Or explicit blocks [starts[k], starts[k + 1]) (a schedule made by the caller).
 class Blocks {
  public:
-  Blocks(int64_t n, int64_t count) : n_(n), count_(std::max<int64_t>(1, std::min(count, n))) {}
-  int64_t count() const { return count_; }
-  Block operator[](int64_t i) const {
-    const int64_t base = n_ / count_, extra = n_ % count_;
-    return {i * base + std::min(i, extra), base + (i < extra ? 1 : 0)};
+  Blocks(int64_t n, int64_t count) {
+    count = std::max<int64_t>(1, std::min(count, n));
+    const int64_t base = n / count, extra = n % count;
+    for (int64_t i = 0; i <= count; ++i) starts_.push_back(i * base + std::min(i, extra));
   }
-  int64_t max_size() const { return (n_ + count_ - 1) / count_; }
+  explicit Blocks(std::vector<int64_t> starts) : starts_(std::move(starts)) {}
+  int64_t count() const { return static_cast<int64_t>(starts_.size()) - 1; }
+  Block operator[](int64_t i) const { return {starts_[i], starts_[i + 1] - starts_[i]}; }
+  int64_t max_size() const {
+    int64_t largest = 0;
+    for (int64_t i = 0; i < count(); ++i) largest = std::max(largest, (*this)[i].size);
+    return largest;
+  }
 
  private:
-  int64_t n_, count_;
+  std::vector<int64_t> starts_;
 };
 
 // Runs f(t) for t in [0, n) on ATen's intra-op threads, each task single-threaded inside (the
 // BLAS calls made from a task see they are in a parallel region). Tasks are split statically
 // into contiguous chunks, so which thread runs a task never changes a result as long as tasks
-// write disjoint outputs. Workers do not inherit the caller's thread-local dispatch state, so
-// each chunk runs below autograd explicitly: the kernels call ATen ops on views of inputs that
-// may require grad.
+// write disjoint outputs. at::parallel_for runs a single task inline, outside any parallel
+// region, where the BLAS would split its products over all the threads, summing in an order
+// that may depend on their count: an empty second task keeps the BLAS single-threaded there too,
+// so that results do not depend on the thread count. Workers do not inherit the caller's
+// thread-local dispatch state, so each chunk runs below autograd explicitly: the kernels call
+// ATen ops on views of inputs that may require grad.
 template <typename F>
 void parallel_tasks(int64_t n, const F& f) {
-  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+  if (n <= 0) return;
+  at::parallel_for(0, std::max<int64_t>(n, 2), 1, [&](int64_t begin, int64_t end) {
     c10::InferenceMode below_autograd;
-    for (int64_t t = begin; t < end; ++t) f(t);
+    for (int64_t t = begin; t < std::min(end, n); ++t) f(t);
   });
 }
 
@@ -91,54 +103,6 @@ class ThreadScratch {
 // An (rows, cols) row-major matrix over the first rows * cols elements of a flat buffer.
 inline at::Tensor matrix(const at::Tensor& flat, int64_t offset, int64_t rows, int64_t cols) {
   return flat.narrow(0, offset, rows * cols).view({rows, cols});
-}
-
-// ---------------------------------------------------------------------------------------------
-// exp in a form gcc vectorises inside `#pragma omp simd` loops (no libm call): Cephes' expf,
-// range reduction x = n ln2 + r, |r| <= ln2/2, then a degree-6 polynomial (relative error about
-// 1 ulp). Exact at the limits the kernels rely on: exp(-inf) = 0, NaN stays NaN. Results below
-// FLT_MIN flush to 0 and arguments above 88 give +inf; the kernels only evaluate it at arguments
-// <= 0 up to rounding (a logit minus a bound, max or log-sum-exp of its row), or at the self
-// logits they then discard. float64 uses libm's exp.
-// Always inlined: a call inside a loop stops gcc from vectorising it.
-
-// std::bit_cast is C++20; torch < 2.13 builds extensions as C++17, and memcpy compiles to the
-// same register move.
-template <typename To, typename From>
-C10_ALWAYS_INLINE To bits_as(From from) {
-  static_assert(sizeof(To) == sizeof(From), "bits_as needs types of one size");
-  To to;
-  std::memcpy(&to, &from, sizeof(To));
-  return to;
-}
-
-template <typename T>
-C10_ALWAYS_INLINE T exp_vec(T x) {
-  return std::exp(x);
-}
-
-template <>
-C10_ALWAYS_INLINE float exp_vec<float>(float x) {
-  constexpr float kLo = -87.33654f, kHi = 88.0f;
-  constexpr float kLog2e = 1.44269504088896341f;
-  constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
-  // Adding 1.5 * 2^23 rounds to the nearest integer and leaves it in the low mantissa bits.
-  constexpr float kRound = 12582912.0f;
-  const float xc = std::min(std::max(x, kLo), kHi);  // NaN passes through both
-  const float shifted = xc * kLog2e + kRound;
-  const float n = shifted - kRound;
-  const int32_t ni = bits_as<int32_t>(shifted) - bits_as<int32_t>(kRound);
-  const float r = (xc - n * kLn2Hi) - n * kLn2Lo;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = (p * r) * r + r + 1.0f;
-  const float result = p * bits_as<float>((ni + 127) << 23);
-  const float low = x < kLo ? 0.0f : result;
-  return x > kHi ? std::numeric_limits<float>::infinity() : low;
 }
 
 }  // namespace icl_msr::cpu

@@ -6,10 +6,12 @@
 #include <ATen/ATen.h>
 #include <c10/util/string_view.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <optional>
 #include <utility>
+#include <vector>
 
 #include "tile_math.h"
 
@@ -154,6 +156,71 @@ inline ContrastiveShape check_contrastive_args(const at::Tensor& a,
     check_same_dtype(*b_cols, "b_cols", a, "a");
     check_size(*b_cols, "b_cols", 0, shape.cols, "rows, as a_cols");
     check_size(*b_cols, "b_cols", 1, b->size(1), "features, as b");
+  }
+  return shape;
+}
+
+// What the pair ops' arguments describe, once checked: M rows in groups of group_rows, the
+// blocks [starts[k], starts[k+1]) and the listed block pairs, cut into rounds (each round's
+// [begin, end) in the pair list, which holds (round, i, j) rows sorted by round).
+struct PairsShape {
+  int64_t rows;
+  int64_t group_rows;
+  bool uses_b;
+  Combine combine;
+  std::vector<int64_t> starts;
+  std::vector<std::pair<int64_t, int64_t>> pairs;        // (i, j), i <= j
+  std::vector<std::pair<int64_t, int64_t>> round_spans;  // [begin, end) in `pairs`
+};
+
+// contrastive_pairs_forward / _backward: a (M, D), b (M, Db) unless combine is "none";
+// block_starts (nb + 1,) and pairs (P, 3) int64 CPU tensors (the schedule, read by the host).
+inline PairsShape check_pairs_args(const at::Tensor& a, const std::optional<at::Tensor>& b,
+                                   const at::Tensor& block_starts, const at::Tensor& pairs,
+                                   int64_t group_rows, c10::string_view combine) {
+  PairsShape shape;
+  shape.combine = parse_combine(combine);
+  shape.uses_b = shape.combine != kCombineNone;
+  check_tensor(a, "a", 2, a.device());
+  shape.rows = a.size(0);
+  shape.group_rows = group_rows;
+  TORCH_CHECK(group_rows >= 2 && group_rows % 2 == 0 && shape.rows % group_rows == 0,
+              "group_rows must be even and divide the ", shape.rows, " rows of a (each rank's "
+              "two views), got ", group_rows);
+  if (shape.uses_b) {
+    TORCH_CHECK(b.has_value(), "b must be given when combine is \"", combine, "\"");
+    check_tensor(*b, "b", 2, a.device());
+    check_same_dtype(*b, "b", a, "a");
+    check_size(*b, "b", 0, shape.rows, "rows, as a");
+  }
+  for (const auto& [t, name] : {std::pair{&block_starts, "block_starts"},
+                                std::pair{&pairs, "pairs"}}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kLong, name,
+                " must be an int64 CPU tensor (the schedule the host reads), got a ",
+                t->scalar_type(), " tensor on ", t->device());
+  }
+  TORCH_CHECK(block_starts.dim() == 1 && block_starts.size(0) >= 2,
+              "block_starts must be 1-D with at least 2 entries, got shape ", block_starts.sizes());
+  const at::Tensor starts = block_starts.contiguous();
+  shape.starts.assign(starts.data_ptr<int64_t>(), starts.data_ptr<int64_t>() + starts.numel());
+  const int64_t blocks = static_cast<int64_t>(shape.starts.size()) - 1;
+  TORCH_CHECK(shape.starts.front() == 0 && shape.starts.back() == shape.rows &&
+                  std::is_sorted(shape.starts.begin(), shape.starts.end()),
+              "block_starts must rise from 0 to the ", shape.rows, " rows of a");
+  TORCH_CHECK(pairs.dim() == 2 && pairs.size(1) == 3,
+              "pairs must have shape (P, 3) (round, i, j), got ", pairs.sizes());
+  const at::Tensor list = pairs.contiguous();
+  const int64_t* p = list.data_ptr<int64_t>();
+  for (int64_t k = 0; k < list.size(0); ++k) {
+    const int64_t round = p[3 * k], i = p[3 * k + 1], j = p[3 * k + 2];
+    TORCH_CHECK(0 <= i && i <= j && j < blocks, "pairs row ", k, " must hold blocks 0 <= i <= j < ",
+                blocks, ", got (", i, ", ", j, ")");
+    if (k == 0 || round != p[3 * (k - 1)]) {
+      TORCH_CHECK(k == 0 || round > p[3 * (k - 1)], "pairs must be sorted by round");
+      shape.round_spans.emplace_back(k, k);
+    }
+    shape.round_spans.back().second = k + 1;
+    shape.pairs.emplace_back(i, j);
   }
   return shape;
 }

@@ -19,4 +19,12 @@ TORCH_LIBRARY(icl_msr, m) {
   m.def("contrastive_backward(Tensor grad_losses, Tensor a, Tensor? b, Tensor? a_cols, "
         "Tensor? b_cols, Tensor? positive_logits, Tensor row_lse, int row_offset, str combine) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
+  // The split distributed sweep: the listed block pairs of M rows (every rank's, in groups of
+  // group_rows), each tile once. Forward: the (max, sum of exp) (2, M) of every row's negatives
+  // over those tiles. Backward: their share of the gradient rows (M, D), (M, Db) for per-row
+  // scales (2, M) and full log-sum-exps (2, M). Not differentiable themselves.
+  m.def("contrastive_pairs_forward(Tensor a, Tensor? b, Tensor block_starts, Tensor pairs, "
+        "int group_rows, str combine) -> (Tensor, Tensor)");
+  m.def("contrastive_pairs_backward(Tensor a, Tensor? b, Tensor block_starts, Tensor pairs, "
+        "Tensor row_lse, Tensor row_scale, int group_rows, str combine) -> (Tensor, Tensor)");
 }

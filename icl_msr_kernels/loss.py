@@ -31,6 +31,33 @@ def _temperature_scale(temperature: float | Tensor, like: Tensor) -> float | Ten
     return temperature ** -0.5
 
 
+class _ScaleRows(torch.autograd.Function):
+    """rows (B, D) * scale (0-d tensor), with the scale's gradient summed in a fixed order.
+
+    Autograd's own reduction of a broadcast product splits the sum by thread count, so a
+    learnable temperature's gradient would change with torch.set_num_threads; here each row is
+    summed on its own, then the row sums in order (cumsum is a sequential scan).
+    """
+
+    @staticmethod
+    def forward(ctx, rows: Tensor, scale: Tensor) -> Tensor:
+        ctx.save_for_backward(rows, scale)
+        return rows * scale
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        rows, scale = ctx.saved_tensors
+        grad_rows = grad * scale if ctx.needs_input_grad[0] else None
+        grad_scale = None
+        if ctx.needs_input_grad[1]:
+            grad_scale = (grad * rows).sum(dim=1).cumsum(0)[-1].reshape(scale.shape)
+        return grad_rows, grad_scale
+
+
+def _scaled(rows: Tensor, scale: float | Tensor) -> Tensor:
+    return _ScaleRows.apply(rows, scale) if isinstance(scale, Tensor) else rows * scale
+
+
 @dataclass
 class _Features:
     """Pre-scaled features of one loss call, in the working dtype.
@@ -72,8 +99,8 @@ class _Glue:
         c = self.kernels.attention(x.to(self.in_dtype), p.to(self.in_dtype), log_prior,
                                    attn_temperature, prior_mode).to(self.work_dtype)  # 4-6
         if combine == "concat":  # R = [x, sqrt(gamma) c] [x, sqrt(gamma) c]ᵀ
-            return c * (gamma ** 0.5 * scale)
-        return rownorm(x + gamma * c) * scale
+            return _scaled(c, gamma ** 0.5 * scale)
+        return _scaled(rownorm(x + gamma * c), scale)
 
     def stored(self, t: Tensor | None) -> Tensor | None:
         """Features in the inputs' dtype: the kernels read them as stored."""
@@ -93,7 +120,7 @@ def _features(glue: _Glue, z1: Tensor, z2: Tensor, temperature: float | Tensor,
         parts = [glue.unit_rows(z1), glue.unit_rows(z2), bank.to(glue.work_dtype)]
         x = torch.cat(parts)
     scale = _temperature_scale(temperature, x)
-    a = x * scale
+    a = _scaled(x, scale)
     b = interventional(x, scale) if interventional is not None else None
     if not base_term:
         a, b = (b if combine == "add" else torch.cat([a, b], dim=1)), None

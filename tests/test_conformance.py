@@ -554,6 +554,71 @@ def test_repeated_calls_are_bit_identical(spec, dtype):
 
 
 # ---------------------------------------------------------------------------------------------
+# 12. The pair kernels of the split distributed sweep (backends that have them), against dense
+# logits: every rank's share of the schedule together covers each unordered tile pair once.
+
+
+@pytest.mark.parametrize("combine", ["none", "concat", "add"])
+@pytest.mark.parametrize("spec,dtype", backend_dtypes((F64, F32, F16)))
+def test_pair_kernels_cover_the_job_once(spec, dtype, combine):
+    from icl_msr_kernels.distributed import tile_schedule
+
+    kernels = icl.backends.load_backend(spec.name)
+    if not getattr(kernels, "supports_pairs", False):
+        pytest.skip(f"backend {spec.name!r} has no pair kernels (it gathers instead)")
+    world, group = 3, 10 if spec.slow else 100  # 3 ranks of 2N rows each
+    rows = world * group
+    gen = torch.Generator().manual_seed(21)
+    a = torch.randn(rows, 7, generator=gen, dtype=F64) * 0.7
+    b = torch.randn(rows, 5, generator=gen, dtype=F64) * 0.7
+    row_lse = torch.randn(2, rows, generator=gen, dtype=F64) + 3
+    row_scale = torch.randn(2, rows, generator=gen, dtype=F64)
+    # Dense truth: the negatives' log-sum-exp and the gradient of sum s_g lse_g with lse given.
+    index = torch.arange(rows)
+    negative = torch.ones(rows, rows, dtype=torch.bool)
+    negative[index, index] = False
+    negative[index, index // group * group + (index % group + group // 2) % group] = False
+    base = a @ a.T
+    inter = {"none": base, "concat": base + b @ b.T, "add": b @ b.T}[combine]
+    terms = 1 if combine == "none" else 2
+    want_lse, want_grads = [], []
+    coef = []
+    for t, logits in enumerate((base, inter)[:terms]):
+        want_lse.append(torch.logsumexp(logits.masked_fill(~negative, float("-inf")), 1))
+        weights = torch.exp(logits - row_lse[t][:, None]) * row_scale[t][:, None] * negative
+        coef.append(weights + weights.T)
+    want_a = (coef[0] + (coef[1] if combine == "concat" else 0)) @ a
+    want_b = coef[1] @ b if terms == 2 else None
+
+    def dev(t):
+        return t.to(device=spec.device, dtype=dtype)
+
+    job_max = torch.full((2, rows), float("-inf"), dtype=F64)
+    job_sum = torch.zeros((2, rows), dtype=F64)
+    grad_a, grad_b = 0, 0
+    for rank in range(world):
+        starts, pairs = tile_schedule(rows, kernels.pair_block_rows, world, rank)
+        b_in = dev(b) if terms == 2 else None
+        neg_max, neg_sum = (t.double().cpu() for t in
+                            kernels.pairs_forward(dev(a), b_in, starts, pairs, group, combine))
+        merged = torch.maximum(job_max, neg_max)
+        safe = torch.where(merged == float("-inf"), torch.zeros_like(merged), merged)
+        job_sum = job_sum * torch.exp(job_max - safe) + neg_sum * torch.exp(neg_max - safe)
+        job_max = merged
+        ga, gb = kernels.pairs_backward(dev(a), b_in, starts, pairs, dev(row_lse), dev(row_scale),
+                                        group, combine)
+        grad_a = grad_a + ga.double().cpu()
+        grad_b = grad_b + (gb.double().cpu() if terms == 2 else 0)
+    lse = job_max + torch.log(job_sum)
+    tol = {F64: 1e-12, F32: 1e-5, F16: 2e-2}[dtype]
+    for t in range(terms):
+        assert (lse[t] - want_lse[t]).abs().max() <= tol * want_lse[t].abs().max(), t
+    for got, want in ((grad_a, want_a), (grad_b, want_b)):
+        if want is not None:
+            assert (got - want).abs().max() <= tol * want.abs().max()
+
+
+# ---------------------------------------------------------------------------------------------
 # The triton entries, under the interpreter, in a child process
 
 

@@ -12,24 +12,6 @@
 namespace icl_msr::cuda {
 namespace {
 
-// Logits of tile (row block row0, column tile col0) into sm.logits: [0] the base term a·a',
-// [1] the interventional term: a·a' + b·b' ("concat", continuing the same accumulator) or b·b'
-// ("add"). Features arrive pre-scaled by 1/sqrt(tau), so these are already R/tau.
-template <typename T>
-__device__ void contrastive_logits(const TileSmem<T>& sm, const T* a, const T* b, int64_t rows,
-                                   int64_t row0, const T* a_cols, const T* b_cols, int64_t cols,
-                                   int64_t col0, int64_t dim_a, int64_t dim_b, int64_t combine) {
-  using L = TileLayout<T>;
-  TileAcc<T> acc;
-  acc.zero();
-  tile_product(acc, sm, a, rows, row0, a_cols, cols, col0, dim_a);
-  acc.store(sm.logits[0], L::kLdTile);
-  if (combine == kCombineNone) return;
-  if (combine == kCombineAdd) acc.zero();
-  tile_product(acc, sm, b, rows, row0, b_cols, cols, col0, dim_b);
-  acc.store(sm.logits[1], L::kLdTile);
-}
-
 // Forward: CTA (row block, split) folds the column tiles of its split into each row's running
 // (max, sum) per term, skipping the self column, and records the positive's logit.
 // Writes part_max/part_sum (splits, 2, rows) and pos_logit (2, rows).

@@ -36,6 +36,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_backward(
     const std::optional<at::Tensor>& positive_logits, const at::Tensor& row_lse,
     int64_t row_offset, c10::string_view combine);
 
+std::tuple<at::Tensor, at::Tensor> contrastive_pairs_forward(
+    const at::Tensor& a, const std::optional<at::Tensor>& b, const at::Tensor& block_starts,
+    const at::Tensor& pairs, int64_t group_rows, c10::string_view combine);
+
+std::tuple<at::Tensor, at::Tensor> contrastive_pairs_backward(
+    const at::Tensor& a, const std::optional<at::Tensor>& b, const at::Tensor& block_starts,
+    const at::Tensor& pairs, const at::Tensor& row_lse, const at::Tensor& row_scale,
+    int64_t group_rows, c10::string_view combine);
+
 // 2^ceil(log2 m) of a 0-d tensor m > 0, exactly: frexp gives m = mant 2^e with mant in [0.5, 1),
 // and m / mant = 2^e is exact. The half-precision backwards divide their upstream gradient by it
 // before casting down (a loss scaler's 2^16 would overflow float16) and multiply back after:

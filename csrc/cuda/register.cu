@@ -13,4 +13,6 @@ TORCH_LIBRARY_IMPL(icl_msr, CUDA, m) {
   m.impl("attention_backward", &icl_msr::cuda::attention_backward);
   m.impl("contrastive_forward", &icl_msr::cuda::contrastive_forward);
   m.impl("contrastive_backward", &icl_msr::cuda::contrastive_backward);
+  m.impl("contrastive_pairs_forward", &icl_msr::cuda::contrastive_pairs_forward);
+  m.impl("contrastive_pairs_backward", &icl_msr::cuda::contrastive_pairs_backward);
 }

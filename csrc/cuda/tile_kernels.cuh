@@ -301,6 +301,24 @@ __device__ void tile_accumulate(const TileSmem<T>& sm, accum_t<T>* slab, int64_t
   }
 }
 
+// Logits of tile (row block row0, column tile col0) into sm.logits: [0] the base term a·a',
+// [1] the interventional term: a·a' + b·b' ("concat", continuing the same accumulator) or b·b'
+// ("add"). Features arrive pre-scaled by 1/sqrt(tau), so these are already R/tau.
+template <typename T>
+__device__ void contrastive_logits(const TileSmem<T>& sm, const T* a, const T* b, int64_t rows,
+                                   int64_t row0, const T* a_cols, const T* b_cols, int64_t cols,
+                                   int64_t col0, int64_t dim_a, int64_t dim_b, int64_t combine) {
+  using L = TileLayout<T>;
+  TileAcc<T> acc;
+  acc.zero();
+  tile_product(acc, sm, a, rows, row0, a_cols, cols, col0, dim_a);
+  acc.store(sm.logits[0], L::kLdTile);
+  if (combine == kCombineNone) return;
+  if (combine == kCombineAdd) acc.zero();
+  tile_product(acc, sm, b, rows, row0, b_cols, cols, col0, dim_b);
+  acc.store(sm.logits[1], L::kLdTile);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Elementwise phase: thread t handles tile row t / kLanesPerRow and, of its columns, those
 // congruent to its lane modulo kLanesPerRow, so that a warp's reads hit distinct banks.

@@ -84,7 +84,7 @@ def contrastive_pairs_backward_fake(a, b, block_starts, pairs, row_lse, row_scal
                                     combine):
     acc = accum_dtype(a.dtype)
     grad_b = a.new_empty(0) if combine == "none" else b.new_empty(b.shape, dtype=acc)
-    return [a.new_empty(a.shape, dtype=acc), grad_b]
+    return a.new_empty(a.shape, dtype=acc), grad_b
 
 
 FAKES = {

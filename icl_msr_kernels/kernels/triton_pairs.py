@@ -21,7 +21,7 @@ The whole of D sits in one tile (BLOCK_D = next power of two of D).
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -273,8 +273,8 @@ def contrastive_pairs_forward(a: Tensor, b: Optional[Tensor], block_starts: Tens
 @define_op("contrastive_pairs_backward")
 def contrastive_pairs_backward(a: Tensor, b: Optional[Tensor], block_starts: Tensor,
                                pairs: Tensor, row_lse: Tensor, row_scale: Tensor,
-                               group_rows: int, combine: str) -> List[Tensor]:
-    """[grad_a (M, D), grad_b (M, Db)] in the accumulation dtype: the listed pairs' negatives'
+                               group_rows: int, combine: str) -> Tuple[Tensor, Tensor]:
+    """(grad_a (M, D), grad_b (M, Db)) in the accumulation dtype: the listed pairs' negatives'
     share of the gradient rows (grad_b empty for "none")."""
     check_inputs(a, b)
     mode = _COMBINE_CODES[combine]
@@ -302,4 +302,4 @@ def contrastive_pairs_backward(a: Tensor, b: Optional[Tensor], block_starts: Ten
     grad_a = grad_a * largest
     if mode:
         grad_b = grad_b * largest
-    return [grad_a, grad_b]
+    return grad_a, grad_b

@@ -16,9 +16,11 @@ TORCH_LIBRARY(icl_msr, m) {
   // Both NT-Xent terms over features pre-scaled by 1/sqrt(tau): losses (2,) and row_lse (2, B).
   m.def("contrastive_forward(Tensor a, Tensor? b, Tensor? a_cols, Tensor? b_cols, "
         "Tensor? positive_logits, int row_offset, str combine) -> (Tensor, Tensor)");
+  // column_grads False: the columns' gradients are not wanted (a constant memory bank), and the
+  // column sweep that makes them is skipped (they come back empty).
   m.def("contrastive_backward(Tensor grad_losses, Tensor a, Tensor? b, Tensor? a_cols, "
-        "Tensor? b_cols, Tensor? positive_logits, Tensor row_lse, int row_offset, str combine) "
-        "-> (Tensor, Tensor, Tensor, Tensor)");
+        "Tensor? b_cols, Tensor? positive_logits, Tensor row_lse, int row_offset, str combine, "
+        "bool column_grads) -> (Tensor, Tensor, Tensor, Tensor)");
   // The split distributed sweep: the listed block pairs of M rows (every rank's, in groups of
   // group_rows), each tile once. Forward: the (max, sum of exp) (2, M) of every row's negatives
   // over those tiles. Backward: their share of the gradient rows (M, D), (M, Db) for per-row

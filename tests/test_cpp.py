@@ -172,7 +172,8 @@ def _op_samples():
                 samples.append((ops.contrastive_forward.default, (*leaves, offset, combine)))
                 _, lse = ops.contrastive_forward(a, b, *cols, pos, offset, combine)
                 samples.append((ops.contrastive_backward.default,
-                                (t(2, dtype=dtype), a, b, *cols, pos, lse, offset, combine)))
+                                (t(2, dtype=dtype), a, b, *cols, pos, lse, offset, combine,
+                                 cols[0] is not None)))
     return samples
 
 

@@ -137,7 +137,7 @@ def test_contrastive_ops(dtype, combine, layout):
     args = [t.detach().to(dtype) if t is not None else None for t in leaves]
     losses, row_lse = _ops().contrastive_forward(*args, None, offset, combine)
     grads = _ops().contrastive_backward(weights.to(losses.dtype), *args, None, row_lse, offset,
-                                        combine)
+                                        combine, True)
     loss_tol, grad_tol = (1e-10, 1e-9) if dtype == torch.float64 else (1e-5, 1e-4)
     for got, ref in zip(losses, (base, inter)):
         assert abs(got.item() - ref.item()) <= loss_tol * max(abs(ref.item()), 1e-30)
@@ -193,8 +193,8 @@ def _sample_args(device="cuda", dtype=torch.float32):
         ("attention_backward", (rand(10, 7), x, p, lp, c, row_lse, 10.0, "mult")),
         ("contrastive_forward", (a, b, None, None, None, 0, "concat")),
         ("contrastive_forward", (a, b, a_cols, b_cols, None, 6, "add")),
-        ("contrastive_backward", (g, a, b, None, None, None, lse_sq, 0, "concat")),
-        ("contrastive_backward", (g, a, b, a_cols, b_cols, None, lse_rect, 6, "add")),
+        ("contrastive_backward", (g, a, b, None, None, None, lse_sq, 0, "concat", False)),
+        ("contrastive_backward", (g, a, b, a_cols, b_cols, None, lse_rect, 6, "add", True)),
     ]
 
 

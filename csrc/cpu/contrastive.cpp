@@ -474,13 +474,14 @@ void apply_tile(const Contrastive& p, Block ri, Block cj, const Tile<T>& tile, b
 }
 
 template <typename T>
-void backward_impl(const Contrastive& p, const T* row_lse, const T* scale, at::Tensor& grad_a,
-                   at::Tensor& grad_b, at::Tensor& grad_a_cols, at::Tensor& grad_b_cols) {
+void backward_impl(const Contrastive& p, const T* row_lse, const T* scale, bool column_grads,
+                   at::Tensor& grad_a, at::Tensor& grad_b, at::Tensor& grad_a_cols,
+                   at::Tensor& grad_b_cols) {
   // In square mode the columns are the rows: a pair tile's transpose adds to the row gradients
   // of its column block (G + Gᵀ is symmetric).
   at::Tensor& col_grad_a = p.square ? grad_a : grad_a_cols;
   at::Tensor& col_grad_b = p.square ? grad_b : grad_b_cols;
-  const TileSchedule schedule(p, Sweep::kRowsThenColumns);
+  const TileSchedule schedule(p, column_grads ? Sweep::kRowsThenColumns : Sweep::kRows);
   for_each_tile<T>(p, schedule, [&](const TileVisit& v, Block ri, Block cj, Tile<T>& tile) {
     gradient_tile(p, ri, cj, tile, row_lse, scale);
     if (v.to_rows) apply_tile(p, ri, cj, tile, false, grad_a, grad_b);
@@ -492,8 +493,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_backward(
     const at::Tensor& grad_losses, const at::Tensor& a, const std::optional<at::Tensor>& b,
     const std::optional<at::Tensor>& a_cols, const std::optional<at::Tensor>& b_cols,
     const std::optional<at::Tensor>& positive_logits, const at::Tensor& row_lse,
-    int64_t row_offset, c10::string_view combine) {
+    int64_t row_offset, c10::string_view combine, bool column_grads) {
   const Contrastive p = prepare(a, b, a_cols, b_cols, positive_logits, row_offset, combine);
+  column_grads = column_grads && !p.square;
   const auto acc = p.a.scalar_type();
   check_contrastive_backward_args(grad_losses, row_lse, a);
   const at::Tensor lse = to_acc(row_lse, acc);
@@ -503,24 +505,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_backward(
     return t.defined() ? at::zeros_like(t) : at::Tensor();
   };
   at::Tensor grad_a = at::zeros_like(p.a), grad_b = zeros_like_acc(p.b);
-  at::Tensor grad_a_cols = p.square ? at::Tensor() : zeros_like_acc(p.a_cols);
-  at::Tensor grad_b_cols = p.square ? at::Tensor() : zeros_like_acc(p.b_cols);
+  at::Tensor grad_a_cols = column_grads ? zeros_like_acc(p.a_cols) : at::Tensor();
+  at::Tensor grad_b_cols = column_grads ? zeros_like_acc(p.b_cols) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(acc, "icl_msr::contrastive_backward", [&] {
     const scalar_t inv_rows = scalar_t(1) / static_cast<scalar_t>(p.rows);
     const scalar_t scale[2] = {g.data_ptr<scalar_t>()[0] * inv_rows,
                                g.data_ptr<scalar_t>()[1] * inv_rows};
-    backward_impl<scalar_t>(p, lse.data_ptr<scalar_t>(), scale, grad_a, grad_b, grad_a_cols,
-                            grad_b_cols);
+    backward_impl<scalar_t>(p, lse.data_ptr<scalar_t>(), scale, column_grads, grad_a, grad_b,
+                            grad_a_cols, grad_b_cols);
   });
 
   // In the inputs' dtypes; an input that was None gets an empty gradient, one that was given
   // but not read (b with combine "none") a zero gradient.
-  auto result = [&](const at::Tensor& grad, const std::optional<at::Tensor>& input) {
-    if (!input.has_value()) return at::empty({0}, a.options());
+  auto result = [&](const at::Tensor& grad, const std::optional<at::Tensor>& input,
+                    bool wanted = true) {
+    if (!input.has_value() || !wanted) return at::empty({0}, a.options());
     return grad.defined() ? like_input(grad, *input) : at::zeros_like(*input);
   };
-  return {like_input(grad_a, a), result(grad_b, b), result(grad_a_cols, a_cols),
-          result(grad_b_cols, b_cols)};
+  return {like_input(grad_a, a), result(grad_b, b), result(grad_a_cols, a_cols, column_grads),
+          result(grad_b_cols, b_cols, column_grads)};
 }
 
 // ---------------------------------------------------------------------------------------------

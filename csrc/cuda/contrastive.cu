@@ -290,7 +290,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_backward(
     const at::Tensor& grad_losses_in, const at::Tensor& a_in, const std::optional<at::Tensor>& b_in,
     const std::optional<at::Tensor>& a_cols_in, const std::optional<at::Tensor>& b_cols_in,
     const std::optional<at::Tensor>& positive_logits_in, const at::Tensor& row_lse_in,
-    int64_t row_offset, c10::string_view combine_name) {
+    int64_t row_offset, c10::string_view combine_name, bool column_grads) {
   const ContrastiveInputs in = check_contrastive(a_in, b_in, a_cols_in, b_cols_in,
                                                  positive_logits_in, row_offset, combine_name);
   const int64_t combine = in.combine;
@@ -320,13 +320,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_backward(
     std::tie(grad_a, grad_b) =
         backward_sweep(Sweep::kRowsOwned, in.a, in.b, in.a_cols, in.b_cols, in, row_offset,
                        combine, row_lse, grad_unit, grad_scale);
-    std::tie(grad_a_cols, grad_b_cols) =
-        backward_sweep(Sweep::kColsOwned, in.a_cols, in.b_cols, in.a, in.b, in, row_offset,
-                       combine, row_lse, grad_unit, grad_scale);
+    if (column_grads)  // skipped for a constant memory bank
+      std::tie(grad_a_cols, grad_b_cols) =
+          backward_sweep(Sweep::kColsOwned, in.a_cols, in.b_cols, in.a, in.b, in, row_offset,
+                         combine, row_lse, grad_unit, grad_scale);
   }
   if (!grad_b.defined()) grad_b = b_in.has_value() ? at::zeros_like(*b_in) : none();
   if (!grad_b_cols.defined())
-    grad_b_cols = b_cols_in.has_value() ? at::zeros_like(*b_cols_in) : none();
+    grad_b_cols = b_cols_in.has_value() && column_grads ? at::zeros_like(*b_cols_in) : none();
   return {grad_a, grad_b, grad_a_cols, grad_b_cols};
 }
 

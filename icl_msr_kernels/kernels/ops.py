@@ -13,8 +13,9 @@ C++/CUDA extension, csrc/ops.cpp; ``icl_msr_triton`` for the Triton kernels):
   features pre-scaled by 1/sqrt(tau), as `interface.Kernels.contrastive` describes; combine is
   "none", "concat" or "add"; losses and row_lse in the accumulation dtype.
 - ``contrastive_backward(grad_losses, a, b?, a_cols?, b_cols?, positive_logits?, row_lse,
-  row_offset, combine) -> (grad_a, grad_b, grad_a_cols, grad_b_cols)``: a tensor that was None
-  gets an empty (0-element) gradient.
+  row_offset, combine, column_grads: bool) -> (grad_a, grad_b, grad_a_cols, grad_b_cols)``: a
+  tensor that was None gets an empty (0-element) gradient, and so do the columns when
+  column_grads is False (a constant memory bank: the column sweep is skipped).
 
 and, for distributed negatives that split the job's symmetric sweep among the ranks
 (`distributed.SplitContrastive`; not differentiable themselves):
@@ -70,9 +71,11 @@ def contrastive_forward_fake(a, b, a_cols, b_cols, positive_logits, row_offset, 
 
 
 def contrastive_backward_fake(grad_losses, a, b, a_cols, b_cols, positive_logits, row_lse,
-                              row_offset, combine):
+                              row_offset, combine, column_grads):
     # Distinct tensors for absent inputs: op outputs may not alias each other.
-    return [a.new_empty(0) if t is None else torch.empty_like(t) for t in (a, b, a_cols, b_cols)]
+    wanted = (True, True, column_grads, column_grads)
+    return [a.new_empty(0) if t is None or not w else torch.empty_like(t)
+            for t, w in zip((a, b, a_cols, b_cols), wanted)]
 
 
 def contrastive_pairs_forward_fake(a, b, block_starts, pairs, group_rows, combine):
@@ -157,9 +160,11 @@ def register_autograd(namespace: str, backend: str) -> None:
 
     def contrastive_backward(ctx, grad_losses, _grad_row_lse):
         a, b, a_cols, b_cols, positive_logits, row_lse = ctx.saved_tensors
+        column_grads = a_cols is not None and any(ctx.needs_input_grad[2:4])
         grads = ops.contrastive_backward(grad_losses, a, b, a_cols, b_cols, positive_logits,
-                                         row_lse, ctx.row_offset, ctx.combine)
-        grads = [g if t is not None else None for g, t in zip(grads, (a, b, a_cols, b_cols))]
+                                         row_lse, ctx.row_offset, ctx.combine, column_grads)
+        grads = [g if t is not None and needed else None
+                 for g, t, needed in zip(grads, (a, b, a_cols, b_cols), ctx.needs_input_grad)]
         grad_positive = (None if positive_logits is None else
                          positive_logit_grad(grad_losses, positive_logits, row_lse, ctx.combine))
         return (*grads, grad_positive, None, None)

@@ -305,7 +305,7 @@ def contrastive_forward(a: Tensor, b: Optional[Tensor], a_cols: Optional[Tensor]
 def contrastive_backward(grad_losses: Tensor, a: Tensor, b: Optional[Tensor],
                          a_cols: Optional[Tensor], b_cols: Optional[Tensor],
                          positive_logits: Optional[Tensor], row_lse: Tensor, row_offset: int,
-                         combine: str) -> List[Tensor]:
+                         combine: str, column_grads: bool) -> List[Tensor]:
     """[da, db, da_cols, db_cols] of `contrastive_forward`; an empty tensor for each absent
     input. (The explicit positive logits' gradient is taken in `kernels.ops`.)"""
     _check_args(a, b, a_cols, positive_logits, combine)
@@ -345,5 +345,7 @@ def contrastive_backward(grad_losses: Tensor, a: Tensor, b: Optional[Tensor],
         a_cols = a_cols.contiguous()
         b_cols = b_cols.contiguous() if mode else a_cols
         da, db = sweep(a, b, a_cols, b_cols, True, False)
+        if not column_grads:  # a constant memory bank: no column sweep
+            return [da, db, a.new_empty(0), a.new_empty(0)]
         da_cols, db_cols = sweep(a_cols, b_cols, a, b, False, True)
     return [da, db, da_cols, db_cols]

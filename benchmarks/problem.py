@@ -80,9 +80,12 @@ def make_inputs(n: int, d: int, k: int, dtype: torch.dtype, device: torch.device
     return inputs
 
 
-# Memory-bank mode: N anchors against Q columns, one product per term for the forward; the
-# backward recomputes them and applies the coefficients to the rows and to the columns.
-BANK_PRODUCTS = {"fwd": 1, "bwd": 3, "fwdbwd": 4}
+# Memory-bank mode, N anchors against Q columns, products of N × Q × D per term: the forward
+# computes the logits once; the backward recomputes them and applies the coefficients to the
+# rows, and, for ICL-MSR, whose bank columns get gradients through the prototypes, recomputes
+# and applies them once more for the columns (a constant bank under NT-Xent needs none).
+BANK_PRODUCTS = {"ntxent": {"fwd": 1, "bwd": 2, "fwdbwd": 3},
+                 "icl-msr": {"fwd": 1, "bwd": 4, "fwdbwd": 5}}
 
 
 def fused_flops(n: int, d: int, phase: str, loss: str = "icl-msr", bank: int = 0) -> float:
@@ -94,7 +97,7 @@ def fused_flops(n: int, d: int, phase: str, loss: str = "icl-msr", bank: int = 0
     """
     if bank:
         terms = 1 if loss == "ntxent" else 2
-        return BANK_PRODUCTS[phase] * terms * 2.0 * n * bank * d
+        return BANK_PRODUCTS[loss][phase] * terms * 2.0 * n * bank * d
     rows = 2 * n
     return PRODUCTS[phase] * 2.0 * rows * rows * d
 

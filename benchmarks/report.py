@@ -149,7 +149,9 @@ def write_markdown(records: list[Record], meta: list[str], path: Path) -> str:
 def method_notes(d: int, k: int, loss: str = "icl-msr", bank: int = 0) -> list[str]:
     """What the numbers mean, for the head of results.md."""
     products = ", ".join(f"{phase} {count}" for phase, count in PRODUCTS.items())
-    bank_products = ", ".join(f"{phase} {count}" for phase, count in BANK_PRODUCTS.items())
+    bank_products = "; ".join(f"{name}: " + ", ".join(f"{phase} {count}"
+                                                       for phase, count in model.items())
+                              for name, model in BANK_PRODUCTS.items())
     what = ("the default ICL-MSR options" if loss == "icl-msr" else "plain NT-Xent, τ = 0.07")
     problem = (f"Problem: per-view N anchors against a memory bank of Q={bank} negatives, D={d}, "
                f"K={k}, {what}." if bank else

@@ -113,20 +113,18 @@ def _features(glue: _Glue, z1: Tensor, z2: Tensor, temperature: float | Tensor,
     """The kernels' operands. `interventional(x, scale)` maps unit rows to their interventional
     features (None: plain NT-Xent). Without base_term (the regulariser alone) the interventional
     logits become the only term: "add" features b, "concat" features [a, b] side by side."""
-    if bank is None:
-        x = glue.unit_rows(torch.cat([z1, z2]))  # step 1: (2N, D), the two views stacked
-        parts = [x]
-    else:  # anchors z1, positives z2, negatives the bank rows as given (§7)
-        parts = [glue.unit_rows(z1), glue.unit_rows(z2), bank.to(glue.work_dtype)]
-        x = torch.cat(parts)
-    scale = _temperature_scale(temperature, x)
-    a = _scaled(x, scale)
-    b = interventional(x, scale) if interventional is not None else None
-    if not base_term:
-        a, b = (b if combine == "add" else torch.cat([a, b], dim=1)), None
-    mode = "none" if b is None else combine
+
+    def only_term(a, b):
+        if base_term or b is None:
+            return a, b
+        return (b if combine == "add" else torch.cat([a, b], dim=1)), None
 
     if bank is None:
+        x = glue.unit_rows(torch.cat([z1, z2]))  # step 1: (2N, D), the two views stacked
+        scale = _temperature_scale(temperature, x)
+        a = _scaled(x, scale)
+        b = interventional(x, scale) if interventional is not None else None
+        a, b = only_term(a, b)
         a, b = glue.stored(a), glue.stored(b)
         from .distributed import gather_columns, world_size
 
@@ -137,8 +135,22 @@ def _features(glue: _Glue, z1: Tensor, z2: Tensor, temperature: float | Tensor,
                                       else (None, None, 0))
         return _Features(a, b, a_cols, b_cols, None, row_offset)
 
+    # Anchors z1, positives z2, negatives the bank rows as given (§7). The bank's base features
+    # are built apart from the rows': they need a gradient only through a learnable temperature,
+    # and without one the kernels skip the columns' gradient sweep.
     n = z1.shape[0]
-    rows, positives, cols = (slice(0, n), slice(n, 2 * n), slice(2 * n, None))
+    xy = glue.unit_rows(torch.cat([z1, z2]))
+    negatives = bank.to(glue.work_dtype)
+    scale = _temperature_scale(temperature, xy)
+    a, a_cols = _scaled(xy, scale), _scaled(negatives, scale)
+    b = b_cols = None
+    if interventional is not None:  # the prototype attention maps rows and bank alike
+        b_all = interventional(torch.cat([xy, negatives]), scale)
+        b, b_cols = b_all[:2 * n], b_all[2 * n:]
+    a, b = only_term(a, b)
+    a_cols, b_cols = only_term(a_cols, b_cols)
+    mode = "none" if b is None else combine
+    rows, positives = slice(0, n), slice(n, 2 * n)
     positive_base = (a[rows] * a[positives]).sum(1)
     if mode == "none":
         positive_int = torch.zeros_like(positive_base)
@@ -147,7 +159,7 @@ def _features(glue: _Glue, z1: Tensor, z2: Tensor, temperature: float | Tensor,
         if mode == "concat":
             positive_int = positive_int + positive_base
     return _Features(glue.stored(a[rows]), glue.stored(None if b is None else b[rows]),
-                     glue.stored(a[cols]), glue.stored(None if b is None else b[cols]),
+                     glue.stored(a_cols), glue.stored(b_cols),
                      torch.stack([positive_base, positive_int]), 0)
 
 

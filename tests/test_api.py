@@ -181,3 +181,38 @@ def test_ntxent_module_names_lightly_arguments():
 def test_icl_msr_module_bad_arguments(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
         ICLMSRLoss(**kwargs)
+
+
+def test_temperature_tensor_is_never_read_on_the_host(monkeypatch):
+    """Reading a tensor's value (item, float, tolist) would synchronise with its device in every
+    training step: a step with a learnable temperature, with and without gathering, reads none."""
+    inputs = make_inputs(6, 5, 3, seed=2)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a tensor was read on the host")
+
+    for backend in [b for b in ("reference", "cpp") if b in icl.available_backends()]:
+        with monkeypatch.context() as patch:
+            for name in ("item", "tolist", "__float__", "__bool__"):
+                patch.setattr(torch.Tensor, name, refuse)
+            loss = icl_msr_loss(inputs["z1"], inputs["z2"], inputs["prototypes"],
+                                inputs["prior_logits"], temperature=inputs["temperature"],
+                                backend=backend, gather_distributed=True)
+            loss.backward()
+        assert inputs["temperature"].grad is not None
+        inputs["temperature"].grad = None
+
+
+def test_auto_warns_once_when_it_falls_back_to_the_reference(monkeypatch):
+    from icl_msr_kernels import backends
+
+    monkeypatch.setattr(backends, "_warned_fallback", set())
+    monkeypatch.setitem(backends._cache, "cpp", icl.BackendUnavailable("not built (test)"))
+    z = torch.randn(4, 3)
+    with pytest.warns(RuntimeWarning, match="falls back to the pure-PyTorch reference"):
+        ntxent_loss(z, z.flip(0))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second call is silent
+        ntxent_loss(z, z.flip(0))

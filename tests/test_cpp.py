@@ -241,3 +241,34 @@ def test_status_says_why_when_the_extension_is_not_built():
         assert icl.backends.resolve_backend("auto", z.device).name == "reference"
         print("ok")
     """)
+
+
+def test_library_alone_names_the_module_with_the_fake_implementations():
+    # Only the shared library is loaded: csrc/ops.cpp names the Python module that holds the
+    # fake implementations, so torch's error says what to import (torch does not import it
+    # itself), and once it is imported the ops run on fake tensors.
+    _run_fresh("""
+        import importlib, importlib.util
+        import torch
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        torch.ops.load_library(importlib.util.find_spec("icl_msr_kernels._C").origin)
+
+        def call():
+            with FakeTensorMode():
+                return torch.ops.icl_msr.contrastive_forward(torch.empty(8, 4), None, None, None,
+                                                             None, 0, "none")
+
+        try:
+            call()
+            raise SystemExit("the fake implementation ran without its module")
+        except Exception as err:
+            chain = []
+            while err is not None:  # torch wraps the message in another exception
+                chain.append(str(err))
+                err = err.__cause__ or err.__context__
+            assert any("icl_msr_kernels.kernels.extension" in m for m in chain), chain
+        importlib.import_module("icl_msr_kernels.kernels.extension")
+        losses, row_lse = call()
+        assert losses.shape == (2,) and row_lse.shape == (2, 8)
+        print("ok")
+    """)

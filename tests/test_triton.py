@@ -523,3 +523,60 @@ def test_cuda_tensor_core_fp32(precision):
     ref_parts, ref_grads = loss_and_grads(inputs, "reference")
     loss_err, grad_err = relative_errors(parts, grads, ref_parts, ref_grads)
     assert loss_err <= 1e-2 and max(grad_err.values()) <= 5e-2
+
+
+_DETERMINISM_SCRIPT = """
+import sys, torch
+sys.path.insert(0, sys.argv[2])
+from helpers import cast, loss_and_grads, make_inputs
+parts, grads = loss_and_grads(cast(make_inputs(n=9, d=37, k=19, seed=4), torch.float32), "triton")
+torch.save((parts, grads), sys.argv[1])
+"""
+
+
+@pytest.mark.skipif(INTERPRETED or not HAS_TRITON,
+                    reason="spawns its own interpreter processes (needs triton)")
+def test_fixed_tiles_bit_identical_across_processes(tmp_path):
+    """Two processes, the same inputs: the same bits (fixed tiles; no atomics anywhere)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "ICL_MSR_TRITON_AUTOTUNE": "0"}
+    tests = str(Path(__file__).resolve().parent)
+    results = []
+    for k in range(2):
+        out = tmp_path / f"run{k}.pt"
+        proc = subprocess.run([sys.executable, "-c", _DETERMINISM_SCRIPT, str(out), tests],
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results.append(torch.load(out))
+    (parts0, grads0), (parts1, grads1) = results
+    assert all(torch.equal(p, q) for p, q in zip(parts0, parts1))
+    assert all(torch.equal(grads0[n], grads1[n]) for n in grads0)
+
+
+@cuda
+@pytest.mark.usefixtures("default_tiles")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_cuda_no_host_sync_in_a_training_step(backend):
+    """Forward and backward with a learnable temperature never synchronise with the host."""
+    inputs = make_inputs(n=64, d=32, k=8, seed=12, device="cuda")
+    inputs = cast(inputs, torch.float32)
+    icl_msr_loss(inputs["z1"], inputs["z2"], inputs["prototypes"], inputs["prior_logits"],
+                 temperature=inputs["temperature"], backend=backend).backward()  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = icl_msr_loss(inputs["z1"], inputs["z2"], inputs["prototypes"],
+                            inputs["prior_logits"], temperature=inputs["temperature"],
+                            backend=backend, gather_distributed=True)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON and not INTERPRETED
+                         and torch.cuda.device_count() >= 2), reason="needs two CUDA GPUs")
+@pytest.mark.usefixtures("default_tiles")
+def test_cuda_runs_on_the_tensors_device_not_the_current_one():
+    inputs = make_inputs(n=20, d=16, k=5, seed=13, device="cuda:1")
+    with torch.cuda.device(0):
+        assert_matches_reference(inputs, "triton", torch.float32)

@@ -132,6 +132,50 @@ def _softmax_grad(s, lse_own, lse_swept, valid, is_pos, OWNER_ROWS: tl.constexpr
 
 
 @triton.jit
+def _tile_masks(own, own_mask, swept, swept_mask, B, row_offset, OWNER_ROWS: tl.constexpr,
+                EXPLICIT_POS: tl.constexpr):
+    """(valid, is_pos) of an (owned, swept) tile: entries that are candidates of their anchor
+    row (its own column excluded), and the positive ones among them."""
+    # (local row r, global column c) of every tile entry
+    if OWNER_ROWS:
+        r = own[:, None]
+        c = swept[None, :]
+    else:
+        r = swept[None, :]
+        c = own[:, None]
+    if EXPLICIT_POS:  # every column is a negative; the positives' gradient is taken apart
+        valid = own_mask[:, None] & swept_mask[None, :]
+        is_pos = valid & (c < 0)  # nowhere
+    else:
+        valid = own_mask[:, None] & swept_mask[None, :] & (c != row_offset + r)
+        is_pos = valid & (c == row_offset + (r + B // 2) % B)
+    return valid, is_pos
+
+
+@triton.jit
+def _term_weights(grad_ptr, INT_MODE: tl.constexpr, FP64: tl.constexpr):
+    """(scale_a, w_base, w_int, g_int) from the upstream gradients of (L_base, L_int).
+
+    The a-gradient of "concat" mixes both terms in one product; their tiles are weighted by
+    w_t = g_t / scale_a, relative to the larger |g|, before the cast to the features' dtype, and
+    scale_a goes on afterwards, so half-precision operands stay in range whatever the loss scale.
+    """
+    acc_ty: tl.constexpr = tl.float64 if FP64 else tl.float32
+    g_base = tl.load(grad_ptr).to(acc_ty)
+    g_int = tl.load(grad_ptr + 1).to(acc_ty)
+    if INT_MODE == 1:
+        scale_a = tl.maximum(tl.abs(g_base), tl.abs(g_int))
+        scale_a = tl.where(scale_a == 0, 1.0, scale_a)
+        w_base = g_base / scale_a
+        w_int = g_int / scale_a
+    else:
+        scale_a = g_base
+        w_base = g_base
+        w_int = g_int
+    return scale_a, w_base, w_int, g_int
+
+
+@triton.jit
 def _ntxent_bwd_kernel(
     oa_ptr, ob_ptr, sa_ptr, sb_ptr, lse_ptr, grad_ptr, da_ptr, db_ptr,
     n_own, n_swept, B, D, row_offset, segment_len,
@@ -155,19 +199,7 @@ def _ntxent_bwd_kernel(
         lse_own_base = 0.0
         lse_own_int = 0.0
 
-    # Upstream gradients of (L_base, L_int). The a-gradient of "concat" mixes both terms in one
-    # product; their tiles are weighted relative to the larger |grad| before the cast to the
-    # features' dtype, and the scale goes on afterwards, so half-precision operands stay in
-    # range whatever the loss scale.
-    g_base = tl.load(grad_ptr).to(acc_ty)
-    g_int = tl.load(grad_ptr + 1).to(acc_ty)
-    if INT_MODE == 1:
-        scale_a = tl.maximum(tl.abs(g_base), tl.abs(g_int))
-        scale_a = tl.where(scale_a == 0, 1.0, scale_a)
-        w_base = g_base / scale_a
-        w_int = g_int / scale_a
-    else:
-        scale_a = g_base
+    scale_a, w_base, w_int, g_int = _term_weights(grad_ptr, INT_MODE, FP64)
 
     acc_a = tl.zeros((BLOCK_O, BLOCK_D), acc_ty)
     if INT_MODE != 0:
@@ -178,19 +210,8 @@ def _ntxent_bwd_kernel(
     for s0 in range(swept_start, tl.minimum(swept_start + segment_len, n_swept), BLOCK_S):
         swept = s0 + tl.arange(0, BLOCK_S)
         swept_mask = swept < n_swept
-        # (local row r, global column c) of every tile entry; its own column is excluded.
-        if OWNER_ROWS:
-            r = own[:, None]
-            c = swept[None, :]
-        else:
-            r = swept[None, :]
-            c = own[:, None]
-        if EXPLICIT_POS:  # every column is a negative; the positives' gradient is taken apart
-            valid = own_mask[:, None] & swept_mask[None, :]
-            is_pos = valid & (c < 0)  # nowhere
-        else:
-            valid = own_mask[:, None] & swept_mask[None, :] & (c != row_offset + r)
-            is_pos = valid & (c == row_offset + (r + B // 2) % B)
+        valid, is_pos = _tile_masks(own, own_mask, swept, swept_mask, B, row_offset, OWNER_ROWS,
+                                    EXPLICIT_POS)
         if SWEPT_ROWS:
             lse_swept_base = tl.load(lse_ptr + swept, mask=swept_mask, other=0.0)
             lse_swept_int = tl.load(lse_ptr + B + swept, mask=swept_mask, other=0.0)

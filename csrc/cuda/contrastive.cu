@@ -103,6 +103,60 @@ enum class Sweep : int {
   kColsOwned,  // rectangular, column-owned: grad of the columns from G_ic over the local rows
 };
 
+// Who an owned row or column of a backward tile is, for the coefficient phase.
+struct BackwardRoles {
+  int64_t rows, row_offset, combine;
+  bool explicit_positive, rows_owned;
+  Sweep sweep;
+};
+
+// The coefficient phase of one backward tile: thread (p, lane) turns its entries' logits into
+// upstream-weighted NT-Xent gradient coefficients (zero for a row's own column) and stores them
+// in sm.coef: [0] for the a features (base, plus interventional with "concat"), [1] for b.
+// own_lse: the owned entity's log-sum-exps when it is an anchor row; the swept ones' are staged
+// in sm.stats.
+template <typename T>
+__device__ void store_tile_coefficients(const TileSmem<T>& sm, const BackwardRoles& roles,
+                                        int64_t own, int64_t n_own, int64_t swept0,
+                                        int64_t n_swept, const accum_t<T>* own_lse,
+                                        const accum_t<T>* grad, int terms) {
+  using A = accum_t<T>;
+  using L = TileLayout<T>;
+  const int p = tile_row();
+#pragma unroll 4
+  for (int m = 0; m < kColsPerLane; ++m) {
+    const int q = tile_col(m);
+    const int64_t swept = swept0 + q;
+    A coef[2] = {A(0), A(0)};
+    if (own < n_own && swept < n_swept) {
+      const int64_t row = roles.rows_owned ? own : swept;  // local anchor row of the pair
+      const int64_t col = roles.rows_owned ? swept : own;  // its global column
+      if (roles.explicit_positive || col != self_column(row, roles.row_offset)) {
+        const bool positive = !roles.explicit_positive &&
+                              col == positive_column(row, roles.rows, roles.row_offset);
+#pragma unroll
+        for (int term = 0; term < 2; ++term) {
+          if (term >= terms) break;
+          const A logit = sm.logits[term][p * L::kLdTile + q];
+          const A swept_lse = sm.stats[term * kTile + q];
+          A c = ntxent_grad_coef(logit, roles.rows_owned ? own_lse[term] : swept_lse, positive,
+                                 A(1));
+          // G_ji of the transposed pair: column j's own softmax of the same (symmetric) logit;
+          // j is i's positive exactly when i is j's.
+          if (roles.sweep == Sweep::kSymmetric)
+            c += ntxent_grad_coef(logit, swept_lse, positive, A(1));
+          coef[term] = grad[term] * c;
+        }
+      }
+    }
+    // a enters the base logits and, with "concat", the interventional ones; b only the latter.
+    // (In place over the logits when T is the accumulation type: same element, read first.)
+    sm.coef[0][p * L::kLdCoef + q] =
+        static_cast<T>(roles.combine == kCombineConcat ? coef[0] + coef[1] : coef[0]);
+    sm.coef[1][p * L::kLdCoef + q] = static_cast<T>(coef[1]);
+  }
+}
+
 // Backward: CTA (owned block, split) recomputes the logit tiles of its split, turns them into
 // gradient coefficients (tile_math.h's ntxent_grad_coef, without the 1/rows factor, which the
 // host applies to the summed slabs so that float16 coefficients keep their precision) and
@@ -140,6 +194,7 @@ __global__ void __launch_bounds__(kThreads) contrastive_backward_kernel(
   for (int term = 0; term < 2; ++term)
     if (rows_owned && own < n_own && term < terms) own_lse[term] = row_lse[term * rows + own];
   const A grad[2] = {grad_losses[0], combine == kCombineNone ? A(0) : grad_losses[1]};
+  const BackwardRoles roles{rows, row_offset, combine, explicit_positive, rows_owned, sweep};
 
   for (int64_t tile = first_tile; tile < end_tile; ++tile) {
     const int64_t swept0 = tile * kTile;
@@ -153,37 +208,7 @@ __global__ void __launch_bounds__(kThreads) contrastive_backward_kernel(
                        dim_b, combine);
     __syncthreads();
 
-#pragma unroll 4
-    for (int m = 0; m < kColsPerLane; ++m) {
-      const int q = tile_col(m);
-      const int64_t swept = swept0 + q;
-      A coef[2] = {A(0), A(0)};
-      if (own < n_own && swept < n_swept) {
-        const int64_t row = rows_owned ? own : swept;  // local anchor row of the pair
-        const int64_t col = rows_owned ? swept : own;  // its global column
-        if (explicit_positive || col != self_column(row, row_offset)) {
-          const bool positive =
-              !explicit_positive && col == positive_column(row, rows, row_offset);
-#pragma unroll
-          for (int term = 0; term < 2; ++term) {
-            if (term >= terms) break;
-            const A logit = sm.logits[term][p * L::kLdTile + q];
-            const A swept_lse = sm.stats[term * kTile + q];
-            A c = ntxent_grad_coef(logit, rows_owned ? own_lse[term] : swept_lse, positive, A(1));
-            // G_ji of the transposed pair: column j's own softmax of the same (symmetric) logit;
-            // j is i's positive exactly when i is j's.
-            if (sweep == Sweep::kSymmetric) c += ntxent_grad_coef(logit, swept_lse, positive, A(1));
-            coef[term] = grad[term] * c;
-          }
-        }
-      }
-      // a enters the base logits and, with "concat", the interventional ones; b only the latter.
-      // (In place over the logits when T is the accumulation type: same element, read first.)
-      sm.coef[0][p * L::kLdCoef + q] =
-          static_cast<T>(combine == kCombineConcat ? coef[0] + coef[1] : coef[0]);
-      sm.coef[1][p * L::kLdCoef + q] = static_cast<T>(coef[1]);
-    }
-
+    store_tile_coefficients(sm, roles, own, n_own, swept0, n_swept, own_lse, grad, terms);
     tile_accumulate(sm, slab_a, n_own, own0, dim_a, n_swept, swept0, sm.coef[0], swept_a);
     if (combine != kCombineNone)
       tile_accumulate(sm, slab_b, n_own, own0, dim_b, n_swept, swept0, sm.coef[1], swept_b);

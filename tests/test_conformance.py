@@ -581,7 +581,7 @@ def test_pair_kernels_cover_the_job_once(spec, dtype, combine):
     base = a @ a.T
     inter = {"none": base, "concat": base + b @ b.T, "add": b @ b.T}[combine]
     terms = 1 if combine == "none" else 2
-    want_lse, want_grads = [], []
+    want_lse = []
     coef = []
     for t, logits in enumerate((base, inter)[:terms]):
         want_lse.append(torch.logsumexp(logits.masked_fill(~negative, float("-inf")), 1))

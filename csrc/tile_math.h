@@ -31,6 +31,11 @@ ICL_MSR_HD int64_t self_column(int64_t row, int64_t row_offset) { return row_off
 ICL_MSR_HD int64_t positive_column(int64_t row, int64_t rows, int64_t row_offset) {
   return row_offset + (row + rows / 2) % rows;
 }
+// The same when the rows come in groups of group_rows, each a rank's two views stacked (the
+// split distributed sweep): row g's positive is the other view of its sample, in its group.
+ICL_MSR_HD int64_t group_positive(int64_t row, int64_t group_rows) {
+  return row / group_rows * group_rows + positive_column(row % group_rows, group_rows, 0);
+}
 
 ICL_MSR_HD float fast_exp(float v) {
 #if defined(__CUDA_ARCH__)

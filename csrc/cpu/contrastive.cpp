@@ -258,8 +258,7 @@ void compute_logits(const Contrastive& p, Block ri, Block cj, Tile<T>& tile) {
 template <typename F>
 void for_each_positive(const Contrastive& p, Block ri, Block cj, const F& f) {
   if (p.explicit_positive) return;  // the positives are not among the columns
-  const int64_t g = p.group_rows;
-  auto positive = [g](int64_t row) { return row / g * g + (row % g + g / 2) % g; };
+  auto positive = [&p](int64_t row) { return group_positive(row, p.group_rows); };
   for (int64_t r = 0; r < ri.size; ++r) {
     const int64_t c = p.row_offset + positive(ri.begin + r) - cj.begin;
     if (c >= 0 && c < cj.size) f(r, c, ri.begin + r);

@@ -19,11 +19,6 @@
 namespace icl_msr::cuda {
 namespace {
 
-// The positive of global row g: the other view of the same sample, in g's group.
-__device__ inline int64_t group_positive(int64_t g, int64_t group_rows) {
-  return g / group_rows * group_rows + (g % group_rows + group_rows / 2) % group_rows;
-}
-
 // Whether (row, col) of the logits is a negative of row (and so, by symmetry, of col).
 __device__ inline bool is_negative(int64_t row, int64_t col, int64_t group_rows) {
   return col != row && col != group_positive(row, group_rows);

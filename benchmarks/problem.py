@@ -80,11 +80,13 @@ def make_inputs(n: int, d: int, k: int, dtype: torch.dtype, device: torch.device
     return inputs
 
 
-# Memory-bank mode, N anchors against Q columns, products of N × Q × D per term: the forward
-# computes the logits once; the backward recomputes them and applies the coefficients to the
-# rows, and, for ICL-MSR, whose bank columns get gradients through the prototypes, recomputes
-# and applies them once more for the columns (a constant bank under NT-Xent needs none).
-BANK_PRODUCTS = {"ntxent": {"fwd": 1, "bwd": 2, "fwdbwd": 3},
+# Memory-bank mode, N anchors against Q columns, products of N × Q × D per term. NT-Xent's bank
+# is a constant: a forward that will be differentiated computes the logits and applies their
+# softmax weights to the bank rows in one sweep (2), which leaves the backward a scaling (0).
+# ICL-MSR's bank columns get gradients through the prototypes: the forward computes the logits
+# (1); the backward recomputes them and applies the coefficients to the rows (2), then once more
+# for the columns (2).
+BANK_PRODUCTS = {"ntxent": {"fwd": 2, "bwd": 0, "fwdbwd": 2},
                  "icl-msr": {"fwd": 1, "bwd": 4, "fwdbwd": 5}}
 
 

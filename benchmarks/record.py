@@ -92,10 +92,9 @@ class Record:
         self.gemm_gflops = gemm_flops_per_s / 1e9
         for phase in ("fwd", "bwd", "fwdbwd"):
             ms = getattr(self, f"{phase}_ms")
-            if ms:
-                floor_s = fused_flops(self.n, self.d, phase, self.loss,
-                                      self.bank) / gemm_flops_per_s
-                setattr(self, f"floor_{phase}", floor_s / (ms / 1e3))
+            flops = fused_flops(self.n, self.d, phase, self.loss, self.bank)
+            if ms and flops:  # a phase without products has no floor
+                setattr(self, f"floor_{phase}", flops / gemm_flops_per_s / (ms / 1e3))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -473,6 +473,26 @@ def test_memory_bank(spec, dtype, q, n):
     (base,), _ = assert_conforms(without_grad(inputs, ("z1", "z2", "temperature")), spec, dtype,
                                  fn=ntxent_parts, bank=bank)
     assert base.item() >= 0
+    _constant_bank_conforms(inputs, spec, dtype, bank)
+
+
+def _constant_bank_conforms(inputs, spec, dtype, bank):
+    # Only the views require grad: the bank columns need no gradient, and a backend may then
+    # take the row gradients from its forward (cpp does).
+    constant = without_grad(inputs, ("z1", "z2"))
+    for prior_mode, combine in spec.pairs():
+        assert_conforms(constant, spec, dtype, prior_mode=prior_mode, combine=combine, bank=bank)
+    assert_conforms(constant, spec, dtype, fn=ntxent_parts, bank=bank)
+
+
+@pytest.mark.parametrize("spec,dtype", backend_dtypes((F16, BF16)))
+def test_memory_bank_half(spec, dtype):
+    _, d, k = spec.small
+    inputs = _inputs(spec, spec.small, seed=59)
+    bank = unit_rows(spec.bank_sizes[0], d, seed=61, device=spec.device)
+    for prior_mode, combine in spec.pairs():
+        assert_conforms(inputs, spec, dtype, prior_mode=prior_mode, combine=combine, bank=bank)
+    _constant_bank_conforms(inputs, spec, dtype, bank)
 
 
 @pytest.mark.parametrize("spec,dtype", backend_dtypes())

@@ -104,6 +104,96 @@ def test_rectangular_columns_match_reference(combine, dtype, tol):
         assert (g.double() - r).abs().max() <= 10 * tol * r.abs().max()
 
 
+# --- the constant memory bank: row gradients accumulated in the forward -------------------------
+
+def _bank_operands(combine, *, rows=600, cols=1100, seed=13, outlier=None):
+    """Memory-bank operands (rows anchors, cols bank columns, explicit positive logits) in
+    float64, the rows requiring grad. With `outlier`, one bank row of that norm along feature 0
+    and the anchors of the second row block orthogonal to it: their logits lie far below the
+    Cauchy-Schwarz bound that the row sweep takes as its reference."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def features(n, d, scale=1.0):
+        return scale * torch.randn(n, d, generator=gen, dtype=torch.float64)
+
+    a, a_cols = features(rows, 11, 0.5), features(cols, 11, 0.5)
+    b, b_cols = features(rows, 5, 0.5), features(cols, 5, 0.5)
+    if outlier is not None:
+        a_cols[7] = 0
+        a_cols[7, 0] = outlier
+        a[rows // 2:, 0] = 0
+    positives = features(2, rows)
+    if combine == "none":
+        b = b_cols = None
+    return [None if t is None else t.requires_grad_(i in (0, 1, 4))
+            for i, t in enumerate((a, b, a_cols, b_cols, positives))]
+
+
+def _check_bank_rows(masters, combine, dtype, tol):
+    a, b, a_cols, b_cols, positives = masters
+    leaves = [None if t is None else t.detach().to(dtype).requires_grad_(t.requires_grad)
+              for t in masters]
+    ours = icl.backends.load_backend("cpp").contrastive(*leaves[:4], 0, combine, leaves[4])
+    assert "contrastive_rows_forward" in type(ours[0].grad_fn.next_functions[0][0]).__name__
+    ref = contrastive_losses(a, b, a_cols, b_cols, 0, combine, positives)
+    for o, r in zip(ours, ref):
+        assert abs(o.item() - r.item()) <= tol * max(abs(r.item()), 1e-30), (o, r)
+    weights = (0.6, 1.3)
+    wanted = [t for t in leaves if t is not None and t.requires_grad]
+    grads = torch.autograd.grad(sum(w * o for w, o in zip(weights, ours)), wanted)
+    ref_grads = torch.autograd.grad(sum(w * r for w, r in zip(weights, ref)),
+                                    [t for t in masters if t is not None and t.requires_grad])
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == dtype
+        assert (g.double() - r).abs().max() <= 10 * tol * r.abs().max()
+
+
+@pytest.mark.parametrize("combine", ["none", "concat", "add"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_constant_bank_rows_forward_matches_reference(combine, dtype, tol):
+    """2 row blocks x 3 column blocks, Q not a block multiple."""
+    _check_bank_rows(_bank_operands(combine), combine, dtype, tol)
+
+
+@pytest.mark.parametrize("combine", ["none", "concat"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_constant_bank_row_blocks_far_below_the_bound_are_redone_exactly(combine, dtype, tol):
+    # The second row block's logits lie ~outlier/2 below their reference: beyond the float64
+    # exponent range at 3000 (its sums would be 0), so only the exact redo gives its statistics;
+    # the first block stays on the bounded sweep.
+    masters = _bank_operands(combine, outlier=3000.0 if dtype == torch.float64 else 300.0)
+    _check_bank_rows(masters, combine, dtype, tol)
+
+
+def test_constant_bank_takes_the_rows_forward_only_when_it_pays():
+    z1, z2 = torch.randn(6, 4, requires_grad=True), torch.randn(6, 4, requires_grad=True)
+    bank = torch.nn.functional.normalize(torch.randn(9, 4), dim=1)
+
+    def op_of(loss):
+        return type(loss.grad_fn.next_functions[0][0]).__name__
+
+    assert "contrastive_rows_forward" in op_of(ntxent_loss(z1, z2, bank=bank, backend="cpp"))
+    learnable = torch.tensor(0.5, requires_grad=True)  # the bank columns then need gradients
+    loss = ntxent_loss(z1, z2, bank=bank, temperature=learnable, backend="cpp")
+    assert "contrastive_forward" in op_of(loss) and "rows" not in op_of(loss)
+    with torch.no_grad():
+        plain = ntxent_loss(z1, z2, bank=bank, backend="cpp")
+    with_rows = ntxent_loss(z1, z2, bank=bank, backend="cpp")
+    torch.testing.assert_close(plain, with_rows.detach(), rtol=1e-6, atol=0)
+
+
+def test_rows_forward_refuses_column_gradients_and_double_backward():
+    a, b, a_cols, b_cols, positives = _bank_operands("add", rows=8, cols=5)
+    losses, *_ = _ops().contrastive_rows_forward(a, b, a_cols.requires_grad_(), b_cols,
+                                                 positives, "add")
+    with pytest.raises(RuntimeError, match="no gradient to the columns"):
+        torch.autograd.grad(losses.sum(), [a, a_cols])
+    losses, *_ = _ops().contrastive_rows_forward(a, b, a_cols.detach(), b_cols, positives, "add")
+    (grad,) = torch.autograd.grad(losses.sum(), [a], create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(grad.square().sum(), [b])
+
+
 def test_auto_picks_cpp_for_cpu_tensors():
     assert icl.backends.resolve_backend("auto", torch.device("cpu")).name == "cpp"
 
@@ -131,6 +221,14 @@ def test_op_argument_checks():
         _ops().contrastive_forward(a, None, None, None, torch.zeros(2, 5), 0, "none")
     with pytest.raises(RuntimeError, match="positive_logits must have 5"):
         _ops().contrastive_forward(a, None, a, None, torch.zeros(2, 4), 0, "none")
+    rows = torch.zeros(2, 5, 3)
+    with pytest.raises(RuntimeError, match="a_rows must have 1 terms"):
+        _ops().contrastive_rows_backward(torch.ones(2), rows, torch.zeros(0), "none")
+    with pytest.raises(RuntimeError, match="b_rows must have 5 rows"):
+        _ops().contrastive_rows_backward(torch.ones(2), rows, torch.zeros(4, 3), "concat")
+    with pytest.raises(RuntimeError, match="a_cols must have 3 features"):
+        _ops().contrastive_rows_forward(a, None, torch.zeros(4, 2), None, torch.zeros(2, 5),
+                                        "none")
     with pytest.raises(RuntimeError, match="prior_mode must be"):
         _ops().attention_forward(a, a, torch.zeros(5), 1.0, "log")
 
@@ -174,13 +272,22 @@ def _op_samples():
                 samples.append((ops.contrastive_backward.default,
                                 (t(2, dtype=dtype), a, b, *cols, pos, lse, offset, combine,
                                  cols[0] is not None)))
+            # the constant memory bank: the row gradients from the forward
+            leaves = [None if v is None else v.detach().requires_grad_(i != 2 and i != 3)
+                      for i, v in enumerate((a, b, a_cols, b_cols, positives))]
+            samples.append((ops.contrastive_rows_forward.default, (*leaves, combine)))
+            _, _, a_rows, b_rows = ops.contrastive_rows_forward(a, b, a_cols, b_cols, positives,
+                                                                combine)
+            samples.append((ops.contrastive_rows_backward.default,
+                            (t(2, dtype=a_rows.dtype), a_rows, b_rows, combine)))
     return samples
 
 
 def test_opcheck_every_op():
     samples = _op_samples()
     assert {op.name() for op, _ in samples} == {f"icl_msr::{n}" for n in (
-        "attention_forward", "attention_backward", "contrastive_forward", "contrastive_backward")}
+        "attention_forward", "attention_backward", "contrastive_forward", "contrastive_backward",
+        "contrastive_rows_forward", "contrastive_rows_backward")}
     for op, args in samples:
         torch.library.opcheck(op, args)
 

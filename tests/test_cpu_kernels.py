@@ -24,7 +24,9 @@ pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"backend 'cpp' unav
 # Sizes with several tiles everywhere: 2N = 1400 rows are 4 square row blocks; with the bank,
 # 700 anchor rows against Q = 700 bank columns are 2 x 2 rectangular blocks; the attention's row
 # blocks are 256 rows. "sharp" (a small temperature) sends tiles down the exact paths of the tile
-# passes, whose references would otherwise leave the float32 range.
+# passes, whose references would otherwise leave the float32 range. "constant bank": only the
+# views require grad, so the forward also accumulates the row gradients (and, sharp, redoes its
+# row blocks exactly).
 _WORKER = textwrap.dedent("""
     import ctypes, importlib.util, sys
     import torch
@@ -42,20 +44,27 @@ _WORKER = textwrap.dedent("""
             "prototypes": torch.randn(k, d, generator=gen, dtype=torch.float64),
             "prior_logits": torch.randn(k, generator=gen, dtype=torch.float64)}
     bank64 = F.normalize(torch.randn(q, d, generator=gen, dtype=torch.float64), dim=1)
-    cases = [(dtype, combine, with_bank, 0.2) for dtype in (torch.float32, torch.float64)
-             for combine in ("concat", "add") for with_bank in (False, True)]
-    cases += [(dtype, "concat", False, 0.005) for dtype in (torch.float32, torch.float64)]
+    arrangements = ("square", "bank", "constant bank")
+    cases = [(dtype, combine, arrangement, 0.2) for dtype in (torch.float32, torch.float64)
+             for combine in ("concat", "add") for arrangement in arrangements]
+    cases += [(dtype, "concat", arrangement, 0.005) for dtype in (torch.float32, torch.float64)
+              for arrangement in ("square", "constant bank")]
     results = {}
-    for dtype, combine, with_bank, tau in cases:
-        x = {name: v.to(dtype).requires_grad_() for name, v in base.items()}
-        x["temperature"] = torch.tensor(tau, dtype=dtype, requires_grad=True)
+    for dtype, combine, arrangement, tau in cases:
+        constant = arrangement == "constant bank"
+        x = {name: v.to(dtype).requires_grad_(not constant or name in ("z1", "z2"))
+             for name, v in base.items()}
+        x["temperature"] = torch.tensor(tau, dtype=dtype, requires_grad=not constant)
         parts = icl_msr_loss(x["z1"], x["z2"], x["prototypes"], x["prior_logits"],
                              temperature=x["temperature"], combine=combine,
-                             bank=bank64.to(dtype) if with_bank else None, backend="cpp",
-                             return_parts=True)
+                             bank=None if arrangement == "square" else bank64.to(dtype),
+                             backend="cpp", return_parts=True)
         total = parts[0] + 0.3 * parts[1] + 0.7 * parts[2]
-        grads = torch.autograd.grad(total, list(x.values()))
-        key = (str(dtype).removeprefix("torch."), combine, "bank" if with_bank else "square",
+        wanted = [v for v in x.values() if v.requires_grad]
+        found = dict(zip([n for n, v in x.items() if v.requires_grad],
+                         torch.autograd.grad(total, wanted)))
+        grads = [found.get(n, torch.zeros_like(v)) for n, v in x.items()]
+        key = (str(dtype).removeprefix("torch."), combine, arrangement,
                "sharp" if tau < 0.1 else "tau=0.2")
         results["/".join(key)] = {"parts": torch.stack([p.detach() for p in parts]),
                                   **dict(zip(x, grads))}

@@ -283,19 +283,36 @@ void for_each_self(const Contrastive& p, Block ri, Block cj, const F& f) {
 // ---------------------------------------------------------------------------------------------
 // Forward.
 
+// The largest Euclidean row norm of x in each block, summed in row order (an ATen reduction's
+// order may depend on the thread count). Empty for an undefined x.
+template <typename T>
+std::vector<T> max_row_norms(const at::Tensor& x, const Blocks& blocks) {
+  if (!x.defined()) return {};
+  const int64_t dim = x.size(1);
+  const T* v = x.data_ptr<T>();
+  std::vector<T> out(blocks.count(), T(0));
+  for (int64_t k = 0; k < blocks.count(); ++k) {
+    for (int64_t r = blocks[k].begin; r < blocks[k].end(); ++r) {
+      T sq = 0;
+      for (int64_t d = 0; d < dim; ++d) sq += v[r * dim + d] * v[r * dim + d];
+      out[k] = std::max(out[k], std::sqrt(sq));
+    }
+  }
+  return out;
+}
+
 // Upper bounds on the logits of a tile, from the largest feature row norms of its row and column
 // blocks (Cauchy-Schwarz): the reference of the one-exponential statistics pass
-// (tile_passes_impl.h). The norms are summed here in row order rather than by an ATen
-// reduction, whose order may depend on the thread count.
+// (tile_passes_impl.h).
 template <typename T>
 class LogitBounds {
  public:
   LogitBounds(const Contrastive& p, const TileSchedule& s)
       : mode_(p.mode),
-        a_(block_max_norms(p.a, s.row_blocks)),
-        b_(block_max_norms(p.b, s.row_blocks)),
-        a_cols_(p.square ? a_ : block_max_norms(p.a_cols, s.col_blocks)),
-        b_cols_(p.square ? b_ : block_max_norms(p.b_cols, s.col_blocks)) {}
+        a_(max_row_norms<T>(p.a, s.row_blocks)),
+        b_(max_row_norms<T>(p.b, s.row_blocks)),
+        a_cols_(p.square ? a_ : max_row_norms<T>(p.a_cols, s.col_blocks)),
+        b_cols_(p.square ? b_ : max_row_norms<T>(p.b_cols, s.col_blocks)) {}
 
   // Term 0 (base) or 1 (interventional) of the tile of row block i and column block j.
   T operator()(int64_t term, int64_t i, int64_t j) const {
@@ -306,21 +323,6 @@ class LogitBounds {
   }
 
  private:
-  static std::vector<T> block_max_norms(const at::Tensor& x, const Blocks& blocks) {
-    if (!x.defined()) return {};
-    const int64_t dim = x.size(1);
-    const T* v = x.data_ptr<T>();
-    std::vector<T> out(blocks.count(), T(0));
-    for (int64_t k = 0; k < blocks.count(); ++k) {
-      for (int64_t r = blocks[k].begin; r < blocks[k].end(); ++r) {
-        T sq = 0;
-        for (int64_t d = 0; d < dim; ++d) sq += v[r * dim + d] * v[r * dim + d];
-        out[k] = std::max(out[k], std::sqrt(sq));
-      }
-    }
-    return out;
-  }
-
   Combine mode_;
   std::vector<T> a_, b_, a_cols_, b_cols_;
 };
@@ -526,6 +528,194 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_backward(
 }
 
 // ---------------------------------------------------------------------------------------------
+// Memory-bank forward with the row gradients: contrastive_rows_forward / contrastive_rows_backward.
+//
+// With a constant bank the columns need no gradient, and a row's gradient is, per term, a
+// softmax-weighted sum of the column features, like an attention output (docs/math.md §3):
+// dL_t/da_r = s_t sum_c P_t[r, c] a'_c (and the same over b'_c for the interventional term, and
+// in "concat" over a'_c too, whose logits contain a·a'), with s_t = dLoss/dL_t / rows. This
+// forward accumulates those sums with the row statistics, flash-attention style, and the backward
+// only scales them: one logit product and one apply per term, where forward_impl and
+// backward_impl need three (the backward recomputes the logits).
+//
+// Every row and term has a fixed reference, the Cauchy-Schwarz bound of its logits
+// ref_r = |a_r| max_c |a'_c| (plus |b_r| max_c |b'_c|), so the sweep needs no running max and
+// never rescales: it accumulates exp(s - ref) and their products with the column features, and
+// the end multiplies by exp(ref - lse). A row block in which some row's sum ends below
+// exp(-kRowShiftRange) (its logits lie far below the bound, or are NaN or Inf) is redone with
+// exact statistics, whose maxima are then its references.
+
+// Entries lost to underflow are below exp(-87) (float) each, so with a row sum of at least
+// exp(-range) over at most 2^31 columns they change it by less than 2^31 exp(range - 87), 2e-8
+// relative at range 48; float64's limit is exp(-708).
+template <typename T>
+constexpr T kRowShiftRange = std::is_same_v<T, float> ? T(48) : T(560);
+
+// The row gradient sums of one call in the accumulation dtype: a (1 or 2, rows, D) per term over
+// the a columns (term 1 in "concat" only), b (rows, Db) term 1's over the b columns (0 elements
+// for "none").
+struct RowGradients {
+  at::Tensor a, b;
+
+  explicit RowGradients(const Contrastive& p)
+      : a(at::zeros({p.mode == kCombineConcat ? 2 : 1, p.rows, p.a.size(1)}, p.a.options())),
+        b(p.has_int() ? at::zeros_like(p.b) : at::empty({0}, p.a.options())) {}
+
+  // rows ri += the tile's coefficients (tile.base for term 0, tile.inter for term 1) times the
+  // column features of cj.
+  template <typename T>
+  void accumulate(const Contrastive& p, Block ri, Block cj, const Tile<T>& tile) {
+    const auto a_cols = p.a_cols.narrow(0, cj.begin, cj.size);
+    a[0].narrow(0, ri.begin, ri.size).addmm_(tile.base, a_cols);
+    if (!p.has_int()) return;
+    if (p.mode == kCombineConcat) a[1].narrow(0, ri.begin, ri.size).addmm_(tile.inter, a_cols);
+    b.narrow(0, ri.begin, ri.size).addmm_(tile.inter, p.b_cols.narrow(0, cj.begin, cj.size));
+  }
+
+  // Zeroes rows ri (before an exact redo).
+  void clear(Block ri) {
+    a.narrow(1, ri.begin, ri.size).zero_();
+    if (b.numel() > 0) b.narrow(0, ri.begin, ri.size).zero_();
+  }
+};
+
+// ref (2 x rows): the bound of each row's logits per term (see above).
+template <typename T>
+std::vector<T> row_references(const Contrastive& p) {
+  const Blocks each_row(p.rows, p.rows), all_cols(p.cols, 1);
+  const std::vector<T> a = max_row_norms<T>(p.a, each_row);
+  const T a_cols = max_row_norms<T>(p.a_cols, all_cols)[0];
+  std::vector<T> ref(2 * p.rows, T(0));
+  for (int64_t r = 0; r < p.rows; ++r) ref[r] = a[r] * a_cols;
+  if (!p.has_int()) return ref;
+  const std::vector<T> b = max_row_norms<T>(p.b, each_row);
+  const T b_cols = max_row_norms<T>(p.b_cols, all_cols)[0];
+  for (int64_t r = 0; r < p.rows; ++r) {
+    const T second = b[r] * b_cols;
+    ref[p.rows + r] = p.mode == kCombineConcat ? ref[r] + second : second;
+  }
+  return ref;
+}
+
+// Row block ri against every column block with the fixed references. Returns false when some
+// row's sum fell too low, leaving `stats` unchanged for those rows (grads must then be cleared).
+template <typename T>
+bool bounded_row_sweep(const Contrastive& p, const Blocks& col_blocks, Block ri,
+                       const std::vector<T>& ref, const at::Tensor& flat, int64_t rmax,
+                       int64_t cmax, RowStats<T>& stats, RowGradients& grads) {
+  std::vector<T> sums(2 * ri.size, T(0));
+  for (int64_t j = 0; j < col_blocks.count(); ++j) {
+    const Block cj = col_blocks[j];
+    Tile<T> tile = tile_buffers<T>(flat, rmax, cmax, ri, cj);
+    compute_logits(p, ri, cj, tile);
+    for (int64_t t = 0; t < p.terms(); ++t) {
+      T* s = (t == 0 ? tile.base : tile.inter).template data_ptr<T>();
+      tile_passes<T>().shifted_exp(s, ri.size, cj.size, &ref[t * p.rows + ri.begin],
+                                   &sums[t * ri.size]);
+    }
+    grads.accumulate(p, ri, cj, tile);
+  }
+  const T min_sum = std::exp(-kRowShiftRange<T>);
+  for (int64_t k = 0; k < p.terms() * ri.size; ++k) {
+    if (!(sums[k] >= min_sum)) return false;  // negated: NaN fails
+  }
+  for (int64_t t = 0; t < p.terms(); ++t) {
+    for (int64_t r = 0; r < ri.size; ++r) {
+      stats.max[t * p.rows + ri.begin + r] = ref[t * p.rows + ri.begin + r];
+      stats.sum[t * p.rows + ri.begin + r] = sums[t * ri.size + r];
+    }
+  }
+  return true;
+}
+
+// Row block ri exactly: the statistics as forward_impl takes them, then exp(s - max) per tile.
+template <typename T>
+void exact_row_sweep(const Contrastive& p, const TileSchedule& schedule,
+                     const LogitBounds<T>& bounds, int64_t i, const at::Tensor& flat,
+                     int64_t rmax, int64_t cmax, RowStats<T>& stats, RowGradients& grads) {
+  const Block ri = schedule.row_blocks[i];
+  const Blocks& col_blocks = schedule.col_blocks;
+  grads.clear(ri);
+  for (int64_t j = 0; j < col_blocks.count(); ++j) {
+    Tile<T> tile = tile_buffers<T>(flat, rmax, cmax, ri, col_blocks[j]);
+    merge_tile(p, bounds, TileVisit{i, j, true, false}, ri, col_blocks[j], tile, stats);
+  }
+  for (int64_t j = 0; j < col_blocks.count(); ++j) {
+    const Block cj = col_blocks[j];
+    Tile<T> tile = tile_buffers<T>(flat, rmax, cmax, ri, cj);
+    compute_logits(p, ri, cj, tile);
+    for (int64_t t = 0; t < p.terms(); ++t) {
+      T* s = (t == 0 ? tile.base : tile.inter).template data_ptr<T>();
+      tile_passes<T>().coefficients(s, ri.size, cj.size, &stats.max[t * p.rows + ri.begin],
+                                    nullptr, T(1), nullptr, nullptr, nullptr, tile.scratch);
+    }
+    grads.accumulate(p, ri, cj, tile);
+  }
+}
+
+template <typename T>
+void rows_forward_impl(const Contrastive& p, T* losses, T* row_lse, RowGradients& grads) {
+  const TileSchedule schedule(p, Sweep::kRows);
+  const LogitBounds<T> bounds(p, schedule);
+  const std::vector<T> ref = row_references<T>(p);
+  RowStats<T> stats(p);
+  const int64_t rmax = schedule.row_blocks.max_size(), cmax = schedule.col_blocks.max_size();
+  ThreadScratch scratch(tile_scratch_elems(rmax, cmax), p.a.scalar_type());
+  // One task per row block: its rows, statistics and sums are its own.
+  parallel_tasks(schedule.row_blocks.count(), [&](int64_t i) {
+    const at::Tensor flat = scratch.get();
+    if (!bounded_row_sweep(p, schedule.col_blocks, schedule.row_blocks[i], ref, flat, rmax, cmax,
+                           stats, grads)) {
+      exact_row_sweep(p, schedule, bounds, i, flat, rmax, cmax, stats, grads);
+    }
+  });
+  finish_forward(p, stats, losses, row_lse);
+  // The sums were taken against the references (stats.max): scale them into softmax weights.
+  at::Tensor factor = at::empty({2, p.rows}, p.a.options());
+  T* f = factor.data_ptr<T>();
+  for (int64_t k = 0; k < p.terms() * p.rows; ++k) f[k] = std::exp(stats.max[k] - row_lse[k]);
+  grads.a.mul_(factor.narrow(0, 0, grads.a.size(0)).unsqueeze(2));
+  if (p.has_int()) grads.b.mul_(factor[1].unsqueeze(1));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_rows_forward(
+    const at::Tensor& a, const std::optional<at::Tensor>& b, const at::Tensor& a_cols,
+    const std::optional<at::Tensor>& b_cols, const at::Tensor& positive_logits,
+    c10::string_view combine) {
+  const Contrastive p = prepare(a, b, a_cols, b_cols, positive_logits, 0, combine);
+  const auto opts = p.a.options();
+  at::Tensor losses = at::zeros({2}, opts), row_lse = at::zeros({2, p.rows}, opts);
+  RowGradients grads(p);
+  AT_DISPATCH_FLOATING_TYPES(p.a.scalar_type(), "icl_msr::contrastive_rows_forward", [&] {
+    rows_forward_impl<scalar_t>(p, losses.data_ptr<scalar_t>(), row_lse.data_ptr<scalar_t>(),
+                                grads);
+  });
+  return {losses, row_lse, grads.a, grads.b};
+}
+
+// grad_a = sum_t s_t a_rows[t], grad_b = s_1 b_rows, s_t = grad_losses[t] / rows.
+std::tuple<at::Tensor, at::Tensor> contrastive_rows_backward(const at::Tensor& grad_losses,
+                                                             const at::Tensor& a_rows,
+                                                             const at::Tensor& b_rows,
+                                                             c10::string_view combine) {
+  const Combine mode = parse_combine(combine);
+  check_tensor(a_rows, "a_rows", 3, a_rows.device());
+  TORCH_CHECK(a_rows.device().is_cpu(), "a_rows must be a CPU tensor for the CPU kernels");
+  check_size(a_rows, "a_rows", 0, mode == kCombineConcat ? 2 : 1,
+             "terms (2 for \"concat\", else 1)");
+  check_tensor(grad_losses, "grad_losses", 1, a_rows.device());
+  check_size(grad_losses, "grad_losses", 0, 2, "entries (L_base, L_int)");
+  const int64_t rows = a_rows.size(1);
+  const at::Tensor scale = grad_losses.to(a_rows.scalar_type()) / static_cast<double>(rows);
+  at::Tensor grad_a = a_rows[0] * scale[0];
+  if (mode == kCombineConcat) grad_a.add_(a_rows[1] * scale[1]);
+  if (mode == kCombineNone) return {grad_a, at::empty({0}, a_rows.options())};
+  check_tensor(b_rows, "b_rows", 2, a_rows.device());
+  check_size(b_rows, "b_rows", 0, rows, "rows, as a_rows");
+  return {grad_a, b_rows * scale[1]};
+}
+
+// ---------------------------------------------------------------------------------------------
 // The split distributed sweep: the caller's share of the job's pair tiles over all ranks' rows
 // (docs/math.md §6). The same pair tiles as square mode, with the positives left to their owners.
 
@@ -599,6 +789,8 @@ std::tuple<at::Tensor, at::Tensor> contrastive_pairs_backward(
 TORCH_LIBRARY_IMPL(icl_msr, CPU, m) {
   m.impl("contrastive_forward", &contrastive_forward);
   m.impl("contrastive_backward", &contrastive_backward);
+  m.impl("contrastive_rows_forward", &contrastive_rows_forward);
+  m.impl("contrastive_rows_backward", &contrastive_rows_backward);
   m.impl("contrastive_pairs_forward", &contrastive_pairs_forward);
   m.impl("contrastive_pairs_backward", &contrastive_pairs_backward);
 }

@@ -53,6 +53,10 @@ struct TilePasses {
   void (*coefficients)(T* s, int64_t rows, int64_t cols, const T* lse_rows, const T* lse_cols,
                        T scale, const T* scale_rows, const T* scale_cols, const T* add,
                        TileScratch<T> scratch);
+  // Replaces a (rows x cols) logit tile s, in place, by exp(s - ref[r]) and adds each row's sum
+  // to row_sum[r]: the memory-bank forward's softmax numerators against a fixed reference per
+  // row (contrastive.cpp).
+  void (*shifted_exp)(T* s, int64_t rows, int64_t cols, const T* ref, T* row_sum);
 };
 
 struct TilePassTable {

@@ -314,13 +314,29 @@ void coefficients(T* s, int64_t rows, int64_t cols, const T* lse_rows, const T* 
   }
 }
 
+template <typename T>
+void shifted_exp(T* s, int64_t rows, int64_t cols, const T* ref, T* row_sum) {
+  for (int64_t r = 0; r < rows; ++r) {
+    T* s_row = s + r * cols;
+    const T ref_r = ref[r];
+    T sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t c = 0; c < cols; ++c) {
+      const T e = exp_vec(s_row[c] - ref_r);
+      s_row[c] = e;
+      sum += e;
+    }
+    row_sum[r] += sum;
+  }
+}
+
 #undef ICL_MSR_ALWAYS_INLINE
 
 }  // namespace
 
 TilePassTable tile_pass_table() {
-  return {{&merge_stats<float>, &coefficients<float>},
-          {&merge_stats<double>, &coefficients<double>},
+  return {{&merge_stats<float>, &coefficients<float>, &shifted_exp<float>},
+          {&merge_stats<double>, &coefficients<double>, &shifted_exp<double>},
           ICL_MSR_STRINGIFY(ICL_MSR_ISA)};
 }
 

@@ -73,7 +73,8 @@ def _availability() -> dict[str, str | None]:
 # code that torch.compile traces (the first loss call can be inside a compiled function), and
 # only reads these.
 _UNAVAILABLE = _availability()
-_KERNELS = {"cpu": ops.OpKernels("cpp", NAMESPACE), "cuda": ops.OpKernels("cuda", NAMESPACE)}
+_KERNELS = {"cpu": ops.OpKernels("cpp", NAMESPACE, rows_forward=True),
+            "cuda": ops.OpKernels("cuda", NAMESPACE)}
 
 
 def load(device_type: str) -> ops.OpKernels:

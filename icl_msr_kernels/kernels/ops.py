@@ -17,6 +17,16 @@ C++/CUDA extension, csrc/ops.cpp; ``icl_msr_triton`` for the Triton kernels):
   tensor that was None gets an empty (0-element) gradient, and so do the columns when
   column_grads is False (a constant memory bank: the column sweep is skipped).
 
+and, optionally (the CPU kernels), for the memory-bank mode with a constant bank:
+
+- ``contrastive_rows_forward(a, b?, a_cols, b_cols?, positive_logits, combine) -> (losses,
+  row_lse, a_rows, b_rows)``: contrastive_forward's outputs, and each row's gradient sums,
+  accumulated in the same sweep: a_rows (1, B, D) or, for "concat", (2, B, D) per term over
+  the a columns, b_rows (B, Db) over the b columns (empty for "none"), in the accumulation
+  dtype. The columns get no gradient.
+- ``contrastive_rows_backward(grad_losses, a_rows, b_rows, combine) -> (grad_a, grad_b)``: the
+  row gradients for upstream grad_losses, a scaling of the sums, in the accumulation dtype.
+
 and, for distributed negatives that split the job's symmetric sweep among the ranks
 (`distributed.SplitContrastive`; not differentiable themselves):
 
@@ -46,6 +56,8 @@ from torch import Tensor
 
 OP_NAMES = ("attention_forward", "attention_backward", "contrastive_forward",
             "contrastive_backward")
+# Ops only the CPU kernels implement (a backend says so with OpKernels(rows_forward=True)).
+CPU_ONLY_OPS = ("contrastive_rows_forward", "contrastive_rows_backward")
 
 
 def accum_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -78,6 +90,19 @@ def contrastive_backward_fake(grad_losses, a, b, a_cols, b_cols, positive_logits
             for t, w in zip((a, b, a_cols, b_cols), wanted)]
 
 
+def contrastive_rows_forward_fake(a, b, a_cols, b_cols, positive_logits, combine):
+    acc = accum_dtype(a.dtype)
+    terms_on_a = 2 if combine == "concat" else 1
+    b_rows = a.new_empty(0, dtype=acc) if combine == "none" else b.new_empty(b.shape, dtype=acc)
+    return (a.new_empty(2, dtype=acc), a.new_empty(2, a.shape[0], dtype=acc),
+            a.new_empty(terms_on_a, *a.shape, dtype=acc), b_rows)
+
+
+def contrastive_rows_backward_fake(grad_losses, a_rows, b_rows, combine):
+    grad_b = a_rows.new_empty(0) if combine == "none" else torch.empty_like(b_rows)
+    return a_rows.new_empty(a_rows.shape[1:]), grad_b
+
+
 def contrastive_pairs_forward_fake(a, b, block_starts, pairs, group_rows, combine):
     acc = accum_dtype(a.dtype)
     return a.new_empty(2, a.shape[0], dtype=acc), a.new_empty(2, a.shape[0], dtype=acc)
@@ -95,6 +120,8 @@ FAKES = {
     "attention_backward": attention_backward_fake,
     "contrastive_forward": contrastive_forward_fake,
     "contrastive_backward": contrastive_backward_fake,
+    "contrastive_rows_forward": contrastive_rows_forward_fake,
+    "contrastive_rows_backward": contrastive_rows_backward_fake,
     "contrastive_pairs_forward": contrastive_pairs_forward_fake,
     "contrastive_pairs_backward": contrastive_pairs_backward_fake,
 }
@@ -158,22 +185,56 @@ def register_autograd(namespace: str, backend: str) -> None:
         ctx.row_offset, ctx.combine = row_offset, combine
         ctx.mark_non_differentiable(row_lse)
 
-    def contrastive_backward(ctx, grad_losses, _grad_row_lse):
-        a, b, a_cols, b_cols, positive_logits, row_lse = ctx.saved_tensors
-        column_grads = a_cols is not None and any(ctx.needs_input_grad[2:4])
+    def sweep_backward(grad_losses, operands, row_lse, row_offset, combine, needs_input_grad):
+        a, b, a_cols, b_cols, positive_logits = operands
+        column_grads = a_cols is not None and any(needs_input_grad[2:4])
         grads = ops.contrastive_backward(grad_losses, a, b, a_cols, b_cols, positive_logits,
-                                         row_lse, ctx.row_offset, ctx.combine, column_grads)
+                                         row_lse, row_offset, combine, column_grads)
         grads = [g if t is not None and needed else None
-                 for g, t, needed in zip(grads, (a, b, a_cols, b_cols), ctx.needs_input_grad)]
+                 for g, t, needed in zip(grads, (a, b, a_cols, b_cols), needs_input_grad)]
         grad_positive = (None if positive_logits is None else
-                         positive_logit_grad(grad_losses, positive_logits, row_lse, ctx.combine))
-        return (*grads, grad_positive, None, None)
+                         positive_logit_grad(grad_losses, positive_logits, row_lse, combine))
+        return (*grads, grad_positive)
+
+    def contrastive_backward(ctx, grad_losses, _grad_row_lse):
+        *operands, row_lse = ctx.saved_tensors
+        return (*sweep_backward(grad_losses, operands, row_lse, ctx.row_offset, ctx.combine,
+                                ctx.needs_input_grad), None, None)
+
+    def rows_setup(ctx, inputs, output):
+        a, b, a_cols, b_cols, positive_logits, combine = inputs
+        _losses, row_lse, a_rows, b_rows = output
+        ctx.save_for_backward(a, b, a_cols, b_cols, positive_logits, row_lse, a_rows, b_rows)
+        ctx.combine = combine
+        ctx.mark_non_differentiable(row_lse, a_rows, b_rows)
+
+    def rows_backward(ctx, grad_losses, _grad_row_lse, _grad_a_rows, _grad_b_rows):
+        if any(ctx.needs_input_grad[2:4]):
+            raise RuntimeError(
+                f"icl_msr_kernels: {namespace}::contrastive_rows_forward gives no gradient to "
+                f"the columns (a constant memory bank); use contrastive_forward for columns "
+                f"that require grad")
+        a, b, a_cols, b_cols, positive_logits, row_lse, a_rows, b_rows = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph: the sweep's backward op records the node that refuses a second
+            # derivative, which the sums, constants to autograd, cannot.
+            return (*sweep_backward(grad_losses, (a, b, a_cols, b_cols, positive_logits),
+                                    row_lse, 0, ctx.combine, ctx.needs_input_grad), None)
+        grad_a, grad_b = ops.contrastive_rows_backward(grad_losses, a_rows, b_rows, ctx.combine)
+        grad_b = grad_b.to(b.dtype) if b is not None and ctx.needs_input_grad[1] else None
+        grad_positive = positive_logit_grad(grad_losses, positive_logits, row_lse, ctx.combine)
+        return grad_a.to(a.dtype), grad_b, None, None, grad_positive, None
 
     torch.library.register_autograd(f"{namespace}::attention_forward", attention_backward,
                                     setup_context=attention_setup)
+    backward_ops = ["attention_backward", "contrastive_backward"]
+    if hasattr(ops, "contrastive_rows_forward"):
+        torch.library.register_autograd(f"{namespace}::contrastive_rows_forward", rows_backward,
+                                        setup_context=rows_setup)
+        backward_ops.append("contrastive_rows_backward")
     torch.library.register_autograd(f"{namespace}::contrastive_forward", contrastive_backward,
                                     setup_context=contrastive_setup)
-    for op in ("attention_backward", "contrastive_backward"):
+    for op in backward_ops:
         torch.library.register_autograd(f"{namespace}::{op}", no_double_backward(backend),
                                         setup_context=_nothing_to_save)
 
@@ -188,10 +249,13 @@ class OpKernels:
     # accumulate in float32.
     upcast_half = True
 
-    def __init__(self, name: str, namespace: str, pair_block_rows: int = 512) -> None:
+    def __init__(self, name: str, namespace: str, pair_block_rows: int = 512,
+                 rows_forward: bool = False) -> None:
         self.name = name
         self.namespace = namespace
         self.pair_block_rows = pair_block_rows
+        # Whether this backend's device has the contrastive_rows ops (the constant-bank mode).
+        self.rows_forward = rows_forward
 
     def _ops(self):
         return getattr(torch.ops, self.namespace)
@@ -220,6 +284,21 @@ class OpKernels:
     def contrastive(self, a: Tensor, b: Tensor | None, a_cols: Tensor | None,
                     b_cols: Tensor | None, row_offset: int, combine: str,
                     positive_logits: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        losses, _row_lse = self._ops().contrastive_forward(a, b, a_cols, b_cols, positive_logits,
-                                                           row_offset, combine)
+        if self._use_rows_forward(a, b, a_cols, b_cols, positive_logits):
+            losses, *_ = self._ops().contrastive_rows_forward(a, b, a_cols, b_cols,
+                                                              positive_logits, combine)
+        else:
+            losses, _row_lse = self._ops().contrastive_forward(a, b, a_cols, b_cols,
+                                                               positive_logits, row_offset,
+                                                               combine)
         return losses[0], losses[1]
+
+    def _use_rows_forward(self, a, b, a_cols, b_cols, positive_logits) -> bool:
+        """A memory bank whose columns need no gradient, in a call that will be differentiated:
+        the forward that also accumulates the row gradients saves the backward's sweep. (Without
+        a backward to come, the plain forward is cheaper.)"""
+        if not self.rows_forward or positive_logits is None or not torch.is_grad_enabled():
+            return False
+        if any(t is not None and t.requires_grad for t in (a_cols, b_cols)):
+            return False
+        return any(t is not None and t.requires_grad for t in (a, b, positive_logits))

@@ -320,25 +320,29 @@ def test_kernels_compile_for_gpu(arch, dtype, precision, smem):
         pytest.skip(f"this Triton has no ahead-of-time compile API ({err})")
     from icl_msr_kernels.kernels import triton_attention as attention
     from icl_msr_kernels.kernels import triton_contrastive as contrastive
-    from icl_msr_kernels.kernels.triton_common import d_blocking, uses_fma
+    from icl_msr_kernels.kernels.triton_common import d_blocking, uses_fma, whole_d_blocking
 
     torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     fma = uses_fma(torch_dtype, precision)
-    # The widest D tile each kind of kernel takes for these operands.
+    # The widest D tile each kind of kernel takes for these operands: the contrastive kernels
+    # hold the whole of D up to 256, below and above the wide spaces' threshold.
     fwd_d, bwd_d = (d_blocking(1 << 20, backward, torch_dtype, precision)[0]
                     for backward in (False, True))
+    fwd_whole, bwd_whole = ([whole_d_blocking(d, backward, torch_dtype, precision)[0]
+                             for d in (128, 256)] for backward in (False, True))
     common = dict(FP64=False, PREC=precision, ONE_D=True)
-    cases = [(contrastive._fwd, dict(INT_MODE=1, EXPLICIT_POS=False, BLOCK_D=fwd_d)),
-             (contrastive._fwd, dict(INT_MODE=1, EXPLICIT_POS=True, BLOCK_D=fwd_d)),
-             (contrastive._bwd, dict(INT_MODE=1, OWNER_ROWS=True, SWEPT_ROWS=True,
-                                     EXPLICIT_POS=False, BLOCK_D=bwd_d)),
+    cases = [*[(contrastive._fwd, dict(INT_MODE=1, EXPLICIT_POS=False, BLOCK_D=d))
+               for d in fwd_whole],
+             (contrastive._fwd, dict(INT_MODE=1, EXPLICIT_POS=True, BLOCK_D=fwd_whole[-1])),
+             *[(contrastive._bwd, dict(INT_MODE=1, OWNER_ROWS=True, SWEPT_ROWS=True,
+                                       EXPLICIT_POS=False, BLOCK_D=d)) for d in bwd_whole],
              (contrastive._bwd, dict(INT_MODE=1, OWNER_ROWS=True, SWEPT_ROWS=False,
-                                     EXPLICIT_POS=True, BLOCK_D=bwd_d)),
+                                     EXPLICIT_POS=True, BLOCK_D=bwd_whole[-1])),
              (attention._fwd, dict(MULT=True, BLOCK_D=fwd_d)),
              (attention._bwd_rows, dict(MULT=True, BLOCK_D=bwd_d)),
              (attention._bwd_protos, dict(MULT=True, BLOCK_D=bwd_d))]
     for kernel, consts in cases:
-        config = kernel.default_config(fma)
+        config = kernel.default_config(fma, consts["BLOCK_D"])
         compiled = _compile_for(kernel, arch, dtype, {**common, **consts}, config)
         assert compiled.metadata.shared <= smem, (kernel.fn.__name__, compiled.metadata.shared)
 
@@ -376,32 +380,37 @@ _SPILL_CASES = [("bf16", True), ("fp16", False), ("fp32", True)]
 @pytest.mark.parametrize("dtype,every_config", _SPILL_CASES,
                          ids=[f"{d}-{'all' if a else 'default'}" for d, a in _SPILL_CASES])
 def test_shipped_configs_do_not_spill(dtype, every_config):
-    """No Triton configuration we ship spills registers on sm_90 at D = 128, in the heaviest
-    mode of each kernel (ptxas -v on the ahead-of-time PTX)."""
+    """No Triton configuration we ship spills registers on sm_90 at D = 128 (and D = 256 in the
+    contrastive kernels' wide spaces), in the heaviest mode of each kernel (ptxas -v on the
+    ahead-of-time PTX)."""
     try:
         from triton.backends.compiler import GPUTarget  # noqa: F401
     except ImportError as err:
         pytest.skip(f"this Triton has no ahead-of-time compile API ({err})")
     from icl_msr_kernels.kernels import triton_attention as attention
     from icl_msr_kernels.kernels import triton_contrastive as contrastive
-    from icl_msr_kernels.kernels.triton_common import d_blocking, uses_fma
+    from icl_msr_kernels.kernels.triton_common import d_blocking, uses_fma, whole_d_blocking
 
     torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     fma = uses_fma(torch_dtype, "ieee")
     fwd_d, bwd_d = (d_blocking(128, backward, torch_dtype, "ieee")[0]
                     for backward in (False, True))
     common = dict(FP64=False, PREC="ieee", ONE_D=True)
-    cases = [(contrastive._fwd, dict(INT_MODE=1, EXPLICIT_POS=False, BLOCK_D=fwd_d)),
-             (contrastive._bwd, dict(INT_MODE=1, OWNER_ROWS=True, SWEPT_ROWS=True,
-                                     EXPLICIT_POS=False, BLOCK_D=bwd_d)),
+    # The contrastive kernels at D = 128 and, in their wide spaces, D = 256 (whole rows).
+    cases = [*[(kernel, dict(INT_MODE=1, EXPLICIT_POS=False, **extra,
+                             BLOCK_D=whole_d_blocking(d, backward, torch_dtype, "ieee")[0]))
+               for kernel, backward, extra in (
+                   (contrastive._fwd, False, {}),
+                   (contrastive._bwd, True, dict(OWNER_ROWS=True, SWEPT_ROWS=True)))
+               for d in (128, 256)],
              (attention._fwd, dict(MULT=True, BLOCK_D=fwd_d)),
              (attention._bwd_rows, dict(MULT=True, BLOCK_D=bwd_d)),
              (attention._bwd_protos, dict(MULT=True, BLOCK_D=bwd_d))]
     spilling = []
     for kernel, consts in cases:
-        kind = "fma" if fma else "mma"
-        configs = (kernel._tuners[kind][0].configs if every_config
-                   else [kernel.default_config(fma)])
+        block_d = consts["BLOCK_D"]
+        configs = (kernel.configs(fma, block_d) if every_config
+                   else [kernel.default_config(fma, block_d)])
         for config in configs:
             compiled = _compile_for(kernel, 90, dtype, {**common, **consts}, config)
             registers, spilled = _ptxas_usage(compiled.asm["ptx"], 90)

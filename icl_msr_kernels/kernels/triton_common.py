@@ -173,6 +173,27 @@ def d_blocking(dim: int, backward: bool, dtype: torch.dtype, precision: str) -> 
     return block, triton.cdiv(int(dim), block)
 
 
+# Up to this width the contrastive kernels hold whole feature rows (tiles of the next power of
+# two): the backward then computes each logit tile once rather than once per D chunk, and the
+# forward blocks D the same way, so that under the interpreter (whose chunked dots round
+# differently) the backward recomputes the forward's logits exactly. Their autotuning spaces
+# hold tiles that fit (TunedKernel's wide spaces above 128). float32 on tensor cores ("tf32",
+# "tf32x3", 4-byte operands, split in two for "tf32x3") overflows shared memory or spills with
+# whole rows and keeps its chunks.
+_MAX_WHOLE_D = 256
+WIDE_BLOCK_D = 128  # BLOCK_D above this takes a kernel's wide spaces
+
+
+def whole_d_blocking(dim: int, backward: bool, dtype: torch.dtype,
+                     precision: str) -> tuple[int, int]:
+    """`d_blocking` of a kernel that holds the whole of D when it is <= 256 (FMA dots and
+    2-byte tensor-core operands)."""
+    whole = uses_fma(dtype, precision) or dtype in (torch.float16, torch.bfloat16)
+    if whole and dim <= _MAX_WHOLE_D:
+        return max(triton.next_power_of_2(int(dim)), _MIN_BLOCK), 1
+    return d_blocking(dim, backward, dtype, precision)
+
+
 # Split sweeps. A kernel whose programs own blocks of n_own rows and sweep n_swept others would
 # have only n_own / BLOCK programs for a small n_own (one contrastive problem, a few
 # prototypes), far fewer than a GPU's SMs. Such sweeps are cut into segments, one program per
@@ -222,31 +243,42 @@ class TunedKernel:
     """
 
     def __init__(self, fn: Any, block_names: tuple[str, str], mma: Space, fma: Space,
-                 key: list[str], interpret_meta: dict[str, int]):
+                 key: list[str], interpret_meta: dict[str, int], wide_mma: Space | None = None,
+                 wide_fma: Space | None = None):
         def tuner(space: Space) -> Any:
             configs = [triton.Config({block_names[0]: a, block_names[1]: b}, num_warps=w,
                                      num_stages=s) for a, b, w, s in space]
             return triton.autotune(configs=configs, key=key)(fn)
 
         self.fn = fn
-        self.spaces = {"mma": mma, "fma": fma}
-        # (autotuned, default only) per dot kind; a one-config autotuner never times anything.
+        # Per (dot kind, wide): the spaces for BLOCK_D above WIDE_BLOCK_D, where given.
+        self.spaces = {("mma", False): mma, ("fma", False): fma,
+                       ("mma", True): wide_mma or mma, ("fma", True): wide_fma or fma}
+        # (autotuned, default only) per space; a one-config autotuner never times anything.
         self._tuners = {kind: (tuner(space), tuner(space[:1]))
                         for kind, space in self.spaces.items()}
         self.interpret_meta = interpret_meta
 
-    def default_config(self, fma: bool) -> triton.Config:
+    def _kind(self, fma: bool, block_d: int) -> tuple[str, bool]:
+        return ("fma" if fma else "mma", block_d > WIDE_BLOCK_D)
+
+    def default_config(self, fma: bool, block_d: int = WIDE_BLOCK_D) -> triton.Config:
         """The configuration used without autotuning (and first among those tuned)."""
-        return self._tuners["fma" if fma else "mma"][1].configs[0]
+        return self._tuners[self._kind(fma, block_d)][1].configs[0]
+
+    def configs(self, fma: bool, block_d: int = WIDE_BLOCK_D) -> list[triton.Config]:
+        """Every configuration autotuning may choose at this BLOCK_D."""
+        return self._tuners[self._kind(fma, block_d)][0].configs
 
     def launch(self, grid: Callable[[dict], tuple[int, ...]], *args: Any, fma: bool,
                **consts: Any) -> None:
-        """Run on `grid(meta)` programs; `consts` are the constexprs autotuning does not choose."""
+        """Run on `grid(meta)` programs; `consts` are the constexprs autotuning does not choose
+        (BLOCK_D among them)."""
         if interpreting():
             meta = {**self.interpret_meta, **consts}
             self.fn[grid(meta)](*args, **meta)
             return
-        tuned, default = self._tuners["fma" if fma else "mma"]
+        tuned, default = self._tuners[self._kind(fma, consts["BLOCK_D"])]
         _wrap_triton(tuned if _autotune else default)[grid](*args, **consts)
 
 

@@ -37,9 +37,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_common import (TunedKernel, acc_dtype, check_inputs, d_blocking, define_op, dot_nt,
+from .triton_common import (TunedKernel, acc_dtype, check_inputs, define_op, dot_nt,
                             dot_precision, load_tile, on_device_of, segment_length, store_tile,
-                            uses_fma)
+                            uses_fma, whole_d_blocking)
 
 
 @triton.jit
@@ -248,23 +248,28 @@ def _ntxent_bwd_kernel(
 # Tile shapes (rows, columns, num_warps, num_stages); the first of each list is the default.
 # The forward holds the row tiles and two (rows, cols) logit tiles, like a flash-attention
 # forward without its output; the backward also holds one or two (rows, BLOCK_D) float32
-# accumulators, hence smaller tiles. Every configuration here compiles for sm_90 without
-# register spills at D = 128 in "concat", the heaviest mode (ptxas -v, checked by
-# tests/test_triton.py::test_shipped_configs_do_not_spill); configurations that spilled were
-# dropped. FMA dots (float32 "ieee", float64) keep whole operand rows in registers and need
-# small tiles.
+# accumulators over the whole of D (up to 256), hence smaller tiles, and smaller still for
+# BLOCK_D = 256 (the wide spaces). Every configuration here compiles for sm_90 without register
+# spills in "concat", the heaviest mode, at D = 128 and, for the wide spaces, D = 256 (ptxas -v,
+# checked by tests/test_triton.py::test_shipped_configs_do_not_spill); configurations that
+# spilled were dropped. FMA dots (float32 "ieee", float64) keep whole operand rows in registers
+# and need small tiles.
 _FWD_MMA = [(128, 64, 8, 3), (64, 64, 8, 3), (64, 32, 4, 3)]
-_FWD_FMA = [(64, 32, 8, 2), (32, 32, 4, 3)]
+_FWD_FMA = [(64, 16, 8, 2), (32, 32, 8, 2)]
+_FWD_WIDE_MMA = [(64, 32, 8, 3), (32, 32, 8, 2)]
+_FWD_WIDE_FMA = [(32, 16, 8, 2), (16, 32, 8, 2), (32, 32, 8, 2)]
 _BWD_MMA = [(64, 32, 8, 3), (32, 32, 8, 2), (64, 16, 8, 3), (32, 64, 8, 3)]
-_BWD_FMA = [(64, 32, 8, 2), (32, 32, 4, 3)]
+_BWD_FMA = [(32, 16, 8, 2), (64, 16, 8, 2), (16, 32, 4, 2), (32, 32, 16, 2), (32, 16, 4, 2)]
+_BWD_WIDE = [(32, 16, 8, 2), (16, 32, 8, 2), (16, 16, 4, 2)]
 # Everything that changes the compiled kernel, so that a timing is never reused across them.
 _fwd = TunedKernel(_ntxent_fwd_kernel, ("BLOCK_M", "BLOCK_N"), _FWD_MMA, _FWD_FMA,
                    ["B", "M", "D", "INT_MODE", "EXPLICIT_POS", "FP64", "PREC"],
-                   {"BLOCK_M": 16, "BLOCK_N": 16})
+                   {"BLOCK_M": 16, "BLOCK_N": 16}, wide_mma=_FWD_WIDE_MMA,
+                   wide_fma=_FWD_WIDE_FMA)
 _bwd = TunedKernel(_ntxent_bwd_kernel, ("BLOCK_O", "BLOCK_S"), _BWD_MMA, _BWD_FMA,
                    ["n_own", "n_swept", "D", "INT_MODE", "OWNER_ROWS", "SWEPT_ROWS",
                     "EXPLICIT_POS", "FP64", "PREC"],
-                   {"BLOCK_O": 16, "BLOCK_S": 16})
+                   {"BLOCK_O": 16, "BLOCK_S": 16}, wide_mma=_BWD_WIDE, wide_fma=_BWD_WIDE)
 _COMBINE_CODES = {"none": 0, "concat": 1, "add": 2}  # INT_MODE of the kernels
 
 
@@ -298,7 +303,7 @@ def contrastive_forward(a: Tensor, b: Optional[Tensor], a_cols: Optional[Tensor]
     b, b_cols = (b.contiguous(), b_cols.contiguous()) if mode else (a, a_cols)
     (B, D), M = a.shape, a_cols.shape[0]
     acc = acc_dtype(a.dtype)
-    block_d, n_chunks = d_blocking(D, False, a.dtype, precision)
+    block_d, n_chunks = whole_d_blocking(D, False, a.dtype, precision)
     segment_cols = segment_length(B, 1, M)
     segments = triton.cdiv(M, segment_cols)
     lse_parts = a.new_empty(terms, segments, B, dtype=acc)
@@ -337,7 +342,7 @@ def contrastive_backward(grad_losses: Tensor, a: Tensor, b: Optional[Tensor],
     a = a.contiguous()
     b = b.contiguous() if mode else a
     (B, D) = a.shape
-    block_d, n_chunks = d_blocking(D, True, a.dtype, precision)
+    block_d, n_chunks = whole_d_blocking(D, True, a.dtype, precision)
     consts = dict(fma=uses_fma(a.dtype, precision), INT_MODE=mode,
                   EXPLICIT_POS=positive_logits is not None, FP64=a.dtype == torch.float64,
                   PREC=precision, BLOCK_D=block_d, ONE_D=n_chunks == 1)

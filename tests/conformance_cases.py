@@ -72,9 +72,10 @@ _SPECS = (
     # clamp(65536 / K, 16, 256) rows (K = 600: 109-row blocks).
     Spec("cpp", "cpu", _ALL, tile_shapes=((300, 37, 7), (1100, 3, 2), (70, 37, 600)),
          bank_sizes=(37, 1037, 1), namespace="icl_msr"),
-    # Interpreter tiles are 16 rows/columns and D chunks of 32; the contrastive backward holds
-    # the whole of D up to 256 (D = 37), in chunks beyond (D = 270).
-    Spec("triton", "cpu", _INTERPRETER, tile_shapes=((9, 37, 19), (5, 270, 3)),
+    # Interpreter tiles are 16 rows/columns and D chunks of 32; the contrastive kernels hold
+    # the whole of D up to 256 (D = 37), in chunks beyond (D = 270). With 2N = 80 rows some
+    # tiles hold no row's own or positive column and skip the masks.
+    Spec("triton", "cpu", _INTERPRETER, tile_shapes=((9, 37, 19), (5, 270, 3), (40, 8, 3)),
          bank_sizes=(37, 1),
          namespace="icl_msr_triton", slow=True),
     # CUDA kernels: 64-wide tiles, 32-wide D chunks. Triton: the whole of D in the contrastive

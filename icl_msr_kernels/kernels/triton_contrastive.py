@@ -24,6 +24,14 @@ and exactly 0 without negatives.
   in one sweep; distributed, one row-owned sweep gives d(rows) and one column-owned sweep
   d(cols).
 
+Only the tiles that are partial or hold some row's own or positive column apply the masks (and
+look for the positive logits); the others, nearly all of a large problem, fold every entry.
+The exponentials stay exp(s - ref) rather than exp2 of log2(e)-scaled logits: folding log2(e)
+into the logits rounds the scaled reference (|ref| up to 1/tau) to float32, an error of ~1e-4 in
+the exponent at tau = 1e-3, which the positive's p - 1 (near 0 when the positive dominates)
+cannot absorb within the float32 tolerance (docs/math.md §5); Triton's exp is one multiply and
+an ex2 already.
+
 One contrastive problem has only B / BLOCK row blocks, so both sweeps are also split over
 segments of the swept side (`segment_length`): each program writes partial results (a
 segment's lse and positive logit, or a partial gradient) that torch combines in a fixed order.
@@ -43,17 +51,42 @@ from .triton_common import (TunedKernel, acc_dtype, check_inputs, define_op, dot
 
 
 @triton.jit
-def _online_lse(m, l, pos, s, valid, is_pos):
-    """Fold a (rows, cols) tile of logits into each row's running max and sum of exponentials
-    over its negatives (`valid` and not `is_pos`), and record its positive logit."""
-    pos += tl.sum(tl.where(is_pos, s, 0.0), 1)
-    s = tl.where(valid & (is_pos == 0), s, float("-inf"))
+def _online_lse(m, l, s):
+    """Fold a (rows, cols) tile of logits (-inf where an entry is no negative) into each row's
+    running max and sum of exponentials."""
     m_new = tl.maximum(m, tl.max(s, 1))
     # A row may have no valid column yet (its segment's first tiles held only its own column):
     # shift by 0 then, so that exp(-inf - -inf) never makes a NaN.
     shift = tl.where(m_new == float("-inf"), 0.0, m_new)
     l = l * tl.exp(m - shift) + tl.sum(tl.exp(s - shift[:, None]), 1)
-    return m_new, l, pos
+    return m_new, l
+
+
+@triton.jit
+def _take_positives(s, pos, valid, is_pos):
+    """Record each row's positive logit from the tile and leave only its negatives (`valid`
+    and not `is_pos`), the others -inf."""
+    pos += tl.sum(tl.where(is_pos, s, 0.0), 1)
+    return tl.where(valid & (is_pos == 0), s, float("-inf")), pos
+
+
+@triton.jit
+def _needs_masks(r, r_mask, c_lo, c_hi, B, row_offset, EXPLICIT_POS: tl.constexpr):
+    """Whether a tile of anchor rows r (local, a contiguous range) and columns [c_lo, c_hi]
+    holds some row's own column or its positive: only those tiles pay for the masks. (A row
+    block's positives are a contiguous range of columns, or two when it wraps around B; their
+    span covers both.)"""
+    if EXPLICIT_POS:  # no column is a row's own or its positive
+        return False
+    big = 1 << 62
+    lo = tl.min(tl.where(r_mask, r, big), 0)
+    hi = tl.max(tl.where(r_mask, r, -1), 0)
+    pos = (r + B // 2) % B
+    pos_lo = tl.min(tl.where(r_mask, pos, big), 0)
+    pos_hi = tl.max(tl.where(r_mask, pos, -1), 0)
+    own = (row_offset + lo <= c_hi) & (row_offset + hi >= c_lo)
+    positive = (row_offset + pos_lo <= c_hi) & (row_offset + pos_hi >= c_lo)
+    return own | positive
 
 
 @triton.jit
@@ -87,23 +120,31 @@ def _ntxent_fwd_kernel(
     for c0 in range(col_start, tl.minimum(col_start + segment_cols, M), BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
         col_mask = cols < M
-        if EXPLICIT_POS:  # every column is a negative
-            valid = row_mask[:, None] & col_mask[None, :]
-            is_pos = valid & (cols[None, :] < 0)  # nowhere
-        else:
-            valid = col_mask[None, :] & (cols[None, :] != self_col[:, None])
-            is_pos = cols[None, :] == pos_col[:, None]
         a_cols = load_tile(ac_ptr, cols, col_mask, 0, D, BLOCK_D)
         s_aa = dot_nt(a, a_cols, a_ptr, rows, row_mask, ac_ptr, cols, col_mask, D,
                       BLOCK_M, BLOCK_N, BLOCK_D, ONE_D, FP64, PREC)
-        m_base, l_base, pos_base = _online_lse(m_base, l_base, pos_base, s_aa, valid, is_pos)
         if INT_MODE != 0:
             b_cols = load_tile(bc_ptr, cols, col_mask, 0, D, BLOCK_D)
             s_int = dot_nt(b, b_cols, b_ptr, rows, row_mask, bc_ptr, cols, col_mask, D,
                            BLOCK_M, BLOCK_N, BLOCK_D, ONE_D, FP64, PREC)
             if INT_MODE == 1:  # "concat": the a·a' tile is shared with the base term
                 s_int += s_aa
-            m_int, l_int, pos_int = _online_lse(m_int, l_int, pos_int, s_int, valid, is_pos)
+        # Most tiles are whole and hold no row's own or positive column: no masks there.
+        # (Padded rows past B only ever reach their own, unstored, statistics.)
+        if (c0 + BLOCK_N > M) | _needs_masks(rows, row_mask, c0, c0 + BLOCK_N - 1, B,
+                                             row_offset, EXPLICIT_POS):
+            if EXPLICIT_POS:  # every column is a negative
+                valid = row_mask[:, None] & col_mask[None, :]
+                is_pos = valid & (cols[None, :] < 0)  # nowhere
+            else:
+                valid = col_mask[None, :] & (cols[None, :] != self_col[:, None])
+                is_pos = cols[None, :] == pos_col[:, None]
+            s_aa, pos_base = _take_positives(s_aa, pos_base, valid, is_pos)
+            if INT_MODE != 0:
+                s_int, pos_int = _take_positives(s_int, pos_int, valid, is_pos)
+        m_base, l_base = _online_lse(m_base, l_base, s_aa)
+        if INT_MODE != 0:
+            m_int, l_int = _online_lse(m_int, l_int, s_int)
 
     out = segment * B + rows
     tl.store(lse_ptr + out, m_base + tl.log(l_base), mask=row_mask)
@@ -115,18 +156,23 @@ def _ntxent_fwd_kernel(
 
 
 @triton.jit
-def _softmax_grad(s, lse_own, lse_swept, valid, is_pos, OWNER_ROWS: tl.constexpr,
-                  SWEPT_ROWS: tl.constexpr):
-    """B·(G_os + G_so) restricted to the sides that are rows: softmax minus positive indicator.
-
-    Subtracting Y inside the tile, in float32, keeps the relative precision of p_pos - 1 (small
-    once the positive dominates) before the tile is cast to a half-precision dot operand.
-    """
+def _softmax_weights(s, lse_own, lse_swept, OWNER_ROWS: tl.constexpr, SWEPT_ROWS: tl.constexpr):
+    """B·(G_os + G_so) before the masks, for the sides that are rows: the softmax weights."""
     p = tl.zeros(s.shape, s.dtype)
     if OWNER_ROWS:
         p += tl.exp(s - lse_own[:, None])
     if SWEPT_ROWS:
         p += tl.exp(s - lse_swept[None, :])
+    return p
+
+
+@triton.jit
+def _mask_weights(p, valid, is_pos, OWNER_ROWS: tl.constexpr, SWEPT_ROWS: tl.constexpr):
+    """The softmax weights with the excluded entries 0 and the positive indicator subtracted.
+
+    Subtracting Y inside the tile, in float32, keeps the relative precision of p_pos - 1 (small
+    once the positive dominates) before the tile is cast to a half-precision dot operand.
+    """
     sides: tl.constexpr = OWNER_ROWS + SWEPT_ROWS
     return tl.where(valid, p, 0.0) - tl.where(is_pos, sides, 0.0)
 
@@ -210,8 +256,6 @@ def _ntxent_bwd_kernel(
     for s0 in range(swept_start, tl.minimum(swept_start + segment_len, n_swept), BLOCK_S):
         swept = s0 + tl.arange(0, BLOCK_S)
         swept_mask = swept < n_swept
-        valid, is_pos = _tile_masks(own, own_mask, swept, swept_mask, B, row_offset, OWNER_ROWS,
-                                    EXPLICIT_POS)
         if SWEPT_ROWS:
             lse_swept_base = tl.load(lse_ptr + swept, mask=swept_mask, other=0.0)
             lse_swept_int = tl.load(lse_ptr + B + swept, mask=swept_mask, other=0.0)
@@ -222,16 +266,31 @@ def _ntxent_bwd_kernel(
         sa = load_tile(sa_ptr, swept, swept_mask, d0, D, BLOCK_D)
         s_aa = dot_nt(oa, sa, oa_ptr, own, own_mask, sa_ptr, swept, swept_mask, D,
                       BLOCK_O, BLOCK_S, BLOCK_D, ONE_D, FP64, PREC)
-        t_a = _softmax_grad(s_aa, lse_own_base, lse_swept_base, valid, is_pos, OWNER_ROWS,
-                            SWEPT_ROWS)
         if INT_MODE != 0:
             sb = load_tile(sb_ptr, swept, swept_mask, d0, D, BLOCK_D)
             s_int = dot_nt(ob, sb, ob_ptr, own, own_mask, sb_ptr, swept, swept_mask, D,
                            BLOCK_O, BLOCK_S, BLOCK_D, ONE_D, FP64, PREC)
             if INT_MODE == 1:
                 s_int += s_aa
-            t_b = _softmax_grad(s_int, lse_own_int, lse_swept_int, valid, is_pos, OWNER_ROWS,
-                                SWEPT_ROWS)
+        # The masks only where the tile is partial or holds some row's own or positive entry
+        # (padded owner rows only reach their own, unstored, gradient rows).
+        if OWNER_ROWS:
+            special = _needs_masks(own, own_mask, s0, s0 + BLOCK_S - 1, B, row_offset,
+                                   EXPLICIT_POS)
+        else:
+            special = _needs_masks(swept, swept_mask, tl.program_id(0) * BLOCK_O,
+                                   tl.program_id(0) * BLOCK_O + BLOCK_O - 1, B, row_offset,
+                                   EXPLICIT_POS)
+        t_a = _softmax_weights(s_aa, lse_own_base, lse_swept_base, OWNER_ROWS, SWEPT_ROWS)
+        if INT_MODE != 0:
+            t_b = _softmax_weights(s_int, lse_own_int, lse_swept_int, OWNER_ROWS, SWEPT_ROWS)
+        if (s0 + BLOCK_S > n_swept) | special:
+            valid, is_pos = _tile_masks(own, own_mask, swept, swept_mask, B, row_offset,
+                                        OWNER_ROWS, EXPLICIT_POS)
+            t_a = _mask_weights(t_a, valid, is_pos, OWNER_ROWS, SWEPT_ROWS)
+            if INT_MODE != 0:
+                t_b = _mask_weights(t_b, valid, is_pos, OWNER_ROWS, SWEPT_ROWS)
+        if INT_MODE != 0:
             acc_b = tl.dot(t_b.to(sb.dtype), sb, acc_b, input_precision=PREC,
                            out_dtype=acc_b.dtype)
             if INT_MODE == 1:  # "concat": a also enters the interventional logits
@@ -255,11 +314,11 @@ def _ntxent_bwd_kernel(
 # spilled were dropped. FMA dots (float32 "ieee", float64) keep whole operand rows in registers
 # and need small tiles.
 _FWD_MMA = [(128, 64, 8, 3), (64, 64, 8, 3), (64, 32, 4, 3)]
-_FWD_FMA = [(64, 16, 8, 2), (32, 32, 8, 2)]
-_FWD_WIDE_MMA = [(64, 32, 8, 3), (32, 32, 8, 2)]
+_FWD_FMA = [(32, 32, 16, 2), (32, 16, 8, 2), (16, 32, 8, 2)]
+_FWD_WIDE_MMA = [(64, 32, 8, 3), (64, 16, 8, 3), (32, 16, 4, 2)]
 _FWD_WIDE_FMA = [(32, 16, 8, 2), (16, 32, 8, 2), (32, 32, 8, 2)]
 _BWD_MMA = [(64, 32, 8, 3), (32, 32, 8, 2), (64, 16, 8, 3), (32, 64, 8, 3)]
-_BWD_FMA = [(32, 16, 8, 2), (64, 16, 8, 2), (16, 32, 4, 2), (32, 32, 16, 2), (32, 16, 4, 2)]
+_BWD_FMA = [(32, 16, 8, 2), (16, 32, 4, 2), (32, 32, 16, 2), (32, 16, 4, 2)]
 _BWD_WIDE = [(32, 16, 8, 2), (16, 32, 8, 2), (16, 16, 4, 2)]
 # Everything that changes the compiled kernel, so that a timing is never reused across them.
 _fwd = TunedKernel(_ntxent_fwd_kernel, ("BLOCK_M", "BLOCK_N"), _FWD_MMA, _FWD_FMA,

@@ -79,6 +79,53 @@ def test_every_cpu_op_has_a_cuda_kernel():
 
 
 # ---------------------------------------------------------------------------------------------
+# The compiled kernels as the toolchain shows them (no GPU needed): benchmarks/sass.py.
+
+
+def _built_library() -> str:
+    """The extension built with CUDA kernels, and the tools to read them, or a skip."""
+    path = _load_extension()
+    if not _built_with_cuda(path):
+        pytest.skip(f"the extension at {path} was built without CUDA kernels")
+    from benchmarks import sass
+
+    missing = [name for name in ("cuobjdump", "nvdisasm") if sass.tool(name) is None]
+    if missing:
+        pytest.skip(f"{missing} not found (CUDA_HOME/bin, PATH, or the nvidia-cuda-cuobjdump / "
+                    f"nvidia-cuda-nvdisasm wheels of requirements-dev.txt)")
+    return path
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_cuda_kernels_use_no_local_memory(arch):
+    """No kernel spills registers or keeps an array in local memory: zero stack everywhere."""
+    from benchmarks import sass
+
+    usage = sass.resource_usage(_built_library(), arch)
+    assert len(usage) >= 20, f"only {sorted(usage)} found for {arch}"
+    spilling = {name: u for name, u in usage.items() if u["STACK"] or u["LOCAL"]}
+    assert not spilling, f"{arch}: kernels with stack or local memory: {spilling}"
+
+
+def test_half_precision_kernels_stage_operands_16_bytes_at_a_time():
+    """In every float16/bfloat16 kernel: no 8- or 16-bit global loads (the features are copied
+    to shared memory 16 bytes at a time), and every loop of tensor-core products is straight-line
+    code (its staging copies unrolled)."""
+    from benchmarks import sass
+
+    code = sass.sass(_built_library(), "sm_90")
+    half = {name: ins for name, ins in code.items() if "<BFloat16>" in name or "<Half>" in name}
+    assert len(half) >= 12, sorted(code)
+    for name, instructions in half.items():
+        widths = sass.global_load_widths(instructions)
+        assert not widths.get("16") and not widths.get("8"), f"{name}: global loads {widths}"
+        loops = sass.mma_loops(instructions)
+        assert loops, f"{name}: no loop of tensor-core products"
+        nested = [f"0x{loop.start:x}" for loop in loops if loop.nested]
+        assert not nested, f"{name}: MMA loops with inner loops at {nested}"
+
+
+# ---------------------------------------------------------------------------------------------
 # Through the public API (the rest of the agreement with the reference is the conformance suite).
 
 

@@ -25,7 +25,7 @@ __device__ void stage_prior(A* prior, const A* log_prior, int64_t num_prototypes
 // needs the running rescaling of a one-pass flash attention, which would rewrite the whole
 // (row block x D) slab on every tile.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) attention_forward_kernel(
+__global__ void __launch_bounds__(kThreads, 1) attention_forward_kernel(
     const T* __restrict__ x, const T* __restrict__ prototypes,
     const accum_t<T>* __restrict__ log_prior, int64_t rows, int64_t num_prototypes, int64_t dim,
     accum_t<T> inv_temperature, int64_t prior_mode, accum_t<T>* row_lse, accum_t<T>* slab_c) {
@@ -111,7 +111,7 @@ __device__ void backward_products(const TileSmem<T>& sm, const T* own, const T* 
 // Backward, row-owned: CTA (row block, split of the prototype tiles) adds dE P / tau_a of its
 // tiles to its rows of slab_x (splits, rows, dim).
 template <typename T>
-__global__ void __launch_bounds__(kThreads) attention_backward_rows_kernel(
+__global__ void __launch_bounds__(kThreads, 1) attention_backward_rows_kernel(
     const T* __restrict__ grad_c, const T* __restrict__ x, const T* __restrict__ prototypes,
     const accum_t<T>* __restrict__ log_prior, const accum_t<T>* __restrict__ row_lse,
     const accum_t<T>* __restrict__ delta, int64_t rows, int64_t num_prototypes, int64_t dim,
@@ -160,7 +160,7 @@ __global__ void __launch_bounds__(kThreads) attention_backward_rows_kernel(
 // dEᵀ x / tau_a + Wᵀ dC of its tiles to its rows of slab_p (splits, K, dim), and its rows' sum
 // of the log-prior gradient to slab_prior (splits, K).
 template <typename T>
-__global__ void __launch_bounds__(kThreads) attention_backward_prototypes_kernel(
+__global__ void __launch_bounds__(kThreads, 1) attention_backward_prototypes_kernel(
     const T* __restrict__ grad_c, const T* __restrict__ x, const T* __restrict__ prototypes,
     const accum_t<T>* __restrict__ log_prior, const accum_t<T>* __restrict__ row_lse,
     const accum_t<T>* __restrict__ delta, int64_t rows, int64_t num_prototypes, int64_t dim,
@@ -246,7 +246,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& x_in,
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
   }
-  return {slab_c.to(in.x.scalar_type()), row_lse};
+  return {first_features(slab_c, in.in_dim).to(in.x.scalar_type()), row_lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
@@ -277,7 +277,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
       (grad_c_acc.numel() > 0 ? grad_c_acc.abs().amax() : at::ones({}, acc_options))
           .clamp_min(std::numeric_limits<float>::min()));
   const at::Tensor grad_c_unit = grad_c_acc / grad_scale;
-  const at::Tensor grad_c = grad_c_unit.to(in.x.scalar_type()).contiguous();
+  const at::Tensor grad_c = vector_ready(grad_c_unit.to(in.x.scalar_type()));
   const at::Tensor log_prior = in.log_prior.to(acc).contiguous();
   const at::Tensor row_lse = row_lse_in.to(acc).contiguous();
   // delta_a = <dC_a, C_a> / grad_scale, the softmax-backward term of every row.
@@ -314,8 +314,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
       });
   // The splits' slabs, summed in a fixed order (torch's reductions use no atomics), and the
   // gradient scale multiplied back before casting to the inputs' dtypes.
-  return {slab_x.sum(0).mul_(grad_scale).to(x_in.scalar_type()),
-          slab_p.sum(0).mul_(grad_scale).to(prototypes_in.scalar_type()),
+  return {first_features(slab_x.sum(0).mul_(grad_scale), in.in_dim).to(x_in.scalar_type()),
+          first_features(slab_p.sum(0).mul_(grad_scale), in.in_dim)
+              .to(prototypes_in.scalar_type()),
           slab_prior.sum(0).mul_(grad_scale).to(log_prior_in.scalar_type())};
 }
 

@@ -16,7 +16,7 @@ namespace {
 // (max, sum) per term, skipping the self column, and records the positive's logit.
 // Writes part_max/part_sum (splits, 2, rows) and pos_logit (2, rows).
 template <typename T>
-__global__ void __launch_bounds__(kThreads) contrastive_forward_kernel(
+__global__ void __launch_bounds__(kThreads, 1) contrastive_forward_kernel(
     const T* __restrict__ a, const T* __restrict__ b, const T* __restrict__ a_cols,
     const T* __restrict__ b_cols, int64_t rows, int64_t cols, int64_t dim_a, int64_t dim_b,
     int64_t row_offset, int64_t combine, bool explicit_positive, int64_t tiles_per_split,
@@ -164,7 +164,7 @@ __device__ void store_tile_coefficients(const TileSmem<T>& sm, const BackwardRol
 // grad_losses arrives divided by a power of two >= its largest entry (contrastive_backward), so
 // the coefficients stored in T are at most 2 (4 summed for "concat") in magnitude.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) contrastive_backward_kernel(
+__global__ void __launch_bounds__(kThreads, 1) contrastive_backward_kernel(
     const T* __restrict__ own_a, const T* __restrict__ own_b, int64_t n_own,
     const T* __restrict__ swept_a, const T* __restrict__ swept_b, int64_t n_swept, int64_t dim_a,
     int64_t dim_b, int64_t rows, int64_t row_offset, int64_t combine, bool explicit_positive,
@@ -257,9 +257,11 @@ std::pair<at::Tensor, at::Tensor> backward_sweep(Sweep sweep, const at::Tensor& 
   // grad_scale / rows as a 0-d device tensor: a power of two times 1/rows, so multiplying by it
   // rounds exactly as multiplying by 1/rows alone did.
   const at::Tensor scale = grad_scale * (1.0 / static_cast<double>(in.rows));
-  at::Tensor grad_a = slab_a.sum(0).mul_(scale).to(own_a.scalar_type());
+  at::Tensor grad_a =
+      first_features(slab_a.sum(0).mul_(scale), in.in_dim_a).to(own_a.scalar_type());
   at::Tensor grad_b;
-  if (combine != kCombineNone) grad_b = slab_b.sum(0).mul_(scale).to(own_a.scalar_type());
+  if (combine != kCombineNone)
+    grad_b = first_features(slab_b.sum(0).mul_(scale), in.in_dim_b).to(own_a.scalar_type());
   return {grad_a, grad_b};
 }
 

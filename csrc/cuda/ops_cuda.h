@@ -55,10 +55,28 @@ inline at::Tensor pow2_at_least(const at::Tensor& m) {
   return at::where(mant == 0.5, m, m / mant);
 }
 
-// The tensors of the attention ops, checked and made contiguous.
+// Feature rows as the kernels copy them, 16 bytes at a time (tile_kernels.cuh): contiguous, a
+// multiple of 16 bytes wide (zero features appended, which add nothing to any product) and
+// 16-byte aligned. Copied only when the width or the address asks for it.
+inline at::Tensor vector_ready(const at::Tensor& t) {
+  const int64_t per_vector = 16 / static_cast<int64_t>(t.element_size());
+  const int64_t pad = (per_vector - t.size(1) % per_vector) % per_vector;
+  at::Tensor out = t.contiguous();
+  if (pad != 0) out = at::constant_pad_nd(out, {0, pad});
+  if (reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 != 0) out = out.clone();
+  return out;
+}
+
+// The first `dim` features of rows computed at a vector_ready width.
+inline at::Tensor first_features(const at::Tensor& rows, int64_t dim) {
+  return rows.size(-1) == dim ? rows : rows.narrow(-1, 0, dim).contiguous();
+}
+
+// The tensors of the attention ops, checked; x and the prototypes vector_ready, of width dim
+// (in_dim before the padding).
 struct AttentionInputs {
   at::Tensor x, prototypes, log_prior;
-  int64_t rows, num_prototypes, dim;
+  int64_t rows, num_prototypes, dim, in_dim;
   PriorMode prior_mode;
 };
 
@@ -68,16 +86,18 @@ inline AttentionInputs check_attention(const at::Tensor& x, const at::Tensor& pr
   TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor for the CUDA kernels, got one on ", x.device());
   const PriorMode mode =
       check_attention_args(x, prototypes, log_prior, inv_attn_temperature, prior_mode);
-  return {x.contiguous(), prototypes.contiguous(), log_prior.contiguous(), x.size(0),
-          prototypes.size(0), x.size(1), mode};
+  const at::Tensor x_ready = vector_ready(x);
+  return {x_ready, vector_ready(prototypes), log_prior.contiguous(), x.size(0),
+          prototypes.size(0), x_ready.size(1), x.size(1), mode};
 }
 
-// The tensors of the contrastive ops, checked and made contiguous; b and the columns are
-// undefined tensors when absent (b also when combine is "none", which does not read it), and so
-// is positive_logits (in the accumulation dtype when given).
+// The tensors of the contrastive ops, checked, the features vector_ready (of widths dim_a,
+// dim_b; in_dim_a, in_dim_b before the padding); b and the columns are undefined tensors when
+// absent (b also when combine is "none", which does not read it), and so is positive_logits (in
+// the accumulation dtype when given).
 struct ContrastiveInputs {
   at::Tensor a, b, a_cols, b_cols, positive_logits;
-  int64_t rows, cols, dim_a, dim_b;
+  int64_t rows, cols, dim_a, dim_b, in_dim_a, in_dim_b;
   bool has_cols;
   Combine combine;
 };
@@ -90,17 +110,19 @@ inline ContrastiveInputs check_contrastive(const at::Tensor& a, const std::optio
   TORCH_CHECK(a.is_cuda(), "a must be a CUDA tensor for the CUDA kernels, got one on ", a.device());
   const ContrastiveShape shape =
       check_contrastive_args(a, b, a_cols, b_cols, positive_logits, row_offset, combine);
-  ContrastiveInputs in{a.contiguous(), {}, {}, {}, {}, shape.rows, shape.cols, a.size(1), 0,
-                       !shape.square, shape.combine};
+  ContrastiveInputs in{vector_ready(a), {}, {}, {}, {}, shape.rows, shape.cols, 0, 0,
+                       a.size(1), 0, !shape.square, shape.combine};
+  in.dim_a = in.a.size(1);
   if (shape.explicit_positive)
     in.positive_logits = positive_logits->to(accum_dtype(a.scalar_type())).contiguous();
   if (shape.uses_b) {
-    in.b = b->contiguous();
-    in.dim_b = b->size(1);
+    in.b = vector_ready(*b);
+    in.dim_b = in.b.size(1);
+    in.in_dim_b = b->size(1);
   }
   if (!shape.square) {
-    in.a_cols = a_cols->contiguous();
-    if (shape.uses_b) in.b_cols = b_cols->contiguous();
+    in.a_cols = vector_ready(*a_cols);
+    if (shape.uses_b) in.b_cols = vector_ready(*b_cols);
   }
   return in;
 }

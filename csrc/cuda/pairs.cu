@@ -34,7 +34,7 @@ __device__ void merge_into(A* run_max, A* run_sum, int64_t index, A m, A s) {
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) pairs_forward_kernel(
+__global__ void __launch_bounds__(kThreads, 1) pairs_forward_kernel(
     const T* __restrict__ a, const T* __restrict__ b, int64_t dim_a, int64_t dim_b,
     const int64_t* __restrict__ starts, const int64_t* __restrict__ pairs, int64_t group_rows,
     int64_t combine, accum_t<T>* run_max, accum_t<T>* run_sum, int64_t rows_total) {
@@ -54,7 +54,10 @@ __global__ void __launch_bounds__(kThreads) pairs_forward_kernel(
       // Bounded by the blocks' ends: rows and columns past them load as zeros.
       contrastive_logits(sm, a, b, i1, r0, a, b, j1, c0, dim_a, dim_b, combine);
       __syncthreads();
-      for (int term = 0; term < terms; ++term) {
+      // Unrolled over both terms, so that the per-term statistics stay in registers.
+#pragma unroll
+      for (int term = 0; term < 2; ++term) {
+        if (term >= terms) break;
         const A* logit = sm.logits[term];
         if (row < i1)
           fold_tile_row(row_max[term], row_sum[term], [&](int q) { return logit[p * L::kLdTile + q]; },
@@ -72,6 +75,7 @@ __global__ void __launch_bounds__(kThreads) pairs_forward_kernel(
       }
       __syncthreads();  // the next tile overwrites the logits; the column statistics are out
     }
+#pragma unroll
     for (int term = 0; term < 2; ++term) {
       merge_lanes(row_max[term], row_sum[term]);
       if (term < terms && row < i1 && tile_lane() == 0)
@@ -82,7 +86,7 @@ __global__ void __launch_bounds__(kThreads) pairs_forward_kernel(
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) pairs_backward_kernel(
+__global__ void __launch_bounds__(kThreads, 1) pairs_backward_kernel(
     const T* __restrict__ a, const T* __restrict__ b, int64_t dim_a, int64_t dim_b,
     const int64_t* __restrict__ starts, const int64_t* __restrict__ pairs, int64_t group_rows,
     int64_t combine, const accum_t<T>* __restrict__ row_lse,
@@ -110,7 +114,9 @@ __global__ void __launch_bounds__(kThreads) pairs_backward_kernel(
         const int64_t col = c0 + q;
         A coef[2] = {A(0), A(0)};
         if (row < i1 && col < j1 && is_negative(row, col, group_rows)) {
-          for (int term = 0; term < terms; ++term) {
+#pragma unroll
+          for (int term = 0; term < 2; ++term) {
+            if (term >= terms) break;
             const A logit = sm.logits[term][p * L::kLdTile + q];
             const A* lse = row_lse + term * rows_total;
             const A* scale = row_scale + term * rows_total;
@@ -175,8 +181,8 @@ std::tuple<at::Tensor, at::Tensor> contrastive_pairs_forward(
               a_in.device());
   const PairsShape shape = check_pairs_args(a_in, b_in, block_starts, pairs, group_rows, combine);
   const c10::cuda::CUDAGuard guard(a_in.device());
-  const at::Tensor a = a_in.contiguous();
-  const at::Tensor b = shape.uses_b ? b_in->contiguous() : at::Tensor();
+  const at::Tensor a = vector_ready(a_in);
+  const at::Tensor b = shape.uses_b ? vector_ready(*b_in) : at::Tensor();
   const auto acc_options = a.options().dtype(accum_dtype(a.scalar_type()));
   at::Tensor run_max = at::full({2, shape.rows}, -std::numeric_limits<double>::infinity(),
                                 acc_options);
@@ -215,8 +221,8 @@ std::tuple<at::Tensor, at::Tensor> contrastive_pairs_backward(
     check_size(*t, name, 1, shape.rows, "columns, one per row of a");
   }
   const c10::cuda::CUDAGuard guard(a_in.device());
-  const at::Tensor a = a_in.contiguous();
-  const at::Tensor b = shape.uses_b ? b_in->contiguous() : at::Tensor();
+  const at::Tensor a = vector_ready(a_in);
+  const at::Tensor b = shape.uses_b ? vector_ready(*b_in) : at::Tensor();
   const auto acc = accum_dtype(a.scalar_type());
   const auto acc_options = a.options().dtype(acc);
   const at::Tensor row_lse = row_lse_in.to(acc).contiguous();
@@ -246,8 +252,8 @@ std::tuple<at::Tensor, at::Tensor> contrastive_pairs_backward(
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
       });
-  grad_a.mul_(largest);
-  if (shape.uses_b) grad_b.mul_(largest);
+  grad_a = first_features(grad_a.mul_(largest), a_in.size(1));
+  if (shape.uses_b) grad_b = first_features(grad_b.mul_(largest), b_in->size(1));
   return {grad_a, grad_b};
 }
 

@@ -96,7 +96,7 @@ struct TileSmem {
   T* coef[2];
   A* stage;
 
-  __device__ explicit TileSmem(unsigned char* base)
+  __device__ __forceinline__ explicit TileSmem(unsigned char* base)
       : stats(reinterpret_cast<A*>(base)),
         chunk_rows(reinterpret_cast<T*>(base + L::kOperandOffset)),
         chunk_cols(chunk_rows + kTile * L::kLdChunk),
@@ -125,7 +125,7 @@ struct FmaTile {
   using A = accum_t<T>;
   A v[4][4];
 
-  __device__ void zero() {
+  __device__ __forceinline__ void zero() {
 #pragma unroll
     for (int i = 0; i < 4; ++i)
 #pragma unroll
@@ -133,7 +133,7 @@ struct FmaTile {
   }
 
   template <bool kBTransposed>
-  __device__ void mma(const T* a, int lda, const T* b, int ldb, int kk) {
+  __device__ __forceinline__ void mma(const T* a, int lda, const T* b, int ldb, int kk) {
     const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
     for (int k = 0; k < kk; ++k) {
       A av[4], bv[4];
@@ -150,14 +150,14 @@ struct FmaTile {
     }
   }
 
-  __device__ void load(const A* s, int lds) {
+  __device__ __forceinline__ void load(const A* s, int lds) {
     const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
 #pragma unroll
     for (int i = 0; i < 4; ++i)
 #pragma unroll
       for (int j = 0; j < 4; ++j) v[i][j] = s[(ty + 16 * i) * lds + tx + 16 * j];
   }
-  __device__ void store(A* s, int lds) const {
+  __device__ __forceinline__ void store(A* s, int lds) const {
     const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
 #pragma unroll
     for (int i = 0; i < 4; ++i)
@@ -182,13 +182,13 @@ struct WmmaTile {
   __device__ static int row0() { return 16 * (threadIdx.x / 32 / 2); }
   __device__ static int col0(int f) { return 16 * (2 * (threadIdx.x / 32 % 2) + f); }
 
-  __device__ void zero() {
+  __device__ __forceinline__ void zero() {
 #pragma unroll
     for (int f = 0; f < 2; ++f) wmma::fill_fragment(frag[f], 0.0f);
   }
 
   template <bool kBTransposed>
-  __device__ void mma(const T* a_tile, int lda, const T* b_tile, int ldb, int kk) {
+  __device__ __forceinline__ void mma(const T* a_tile, int lda, const T* b_tile, int ldb, int kk) {
     const E* a = reinterpret_cast<const E*>(a_tile);
     const E* b = reinterpret_cast<const E*>(b_tile);
     using BLayout = std::conditional_t<kBTransposed, wmma::col_major, wmma::row_major>;
@@ -205,12 +205,12 @@ struct WmmaTile {
     }
   }
 
-  __device__ void load(const float* s, int lds) {
+  __device__ __forceinline__ void load(const float* s, int lds) {
 #pragma unroll
     for (int f = 0; f < 2; ++f)
       wmma::load_matrix_sync(frag[f], s + row0() * lds + col0(f), lds, wmma::mem_row_major);
   }
-  __device__ void store(float* s, int lds) const {
+  __device__ __forceinline__ void store(float* s, int lds) const {
 #pragma unroll
     for (int f = 0; f < 2; ++f)
       wmma::store_matrix_sync(s + row0() * lds + col0(f), frag[f], lds, wmma::mem_row_major);
@@ -230,39 +230,83 @@ using TileAcc = std::conditional_t<sizeof(T) == 2 && kTensorCoreArch, WmmaTile<T
 // ---------------------------------------------------------------------------------------------
 // Global <-> shared staging.
 
-// dst[i * ld + j] = src[(row0 + i) * src_cols + col0 + j] over a tile_rows x tile_cols tile,
-// zero where that falls outside the src_rows x src_cols matrix (so padded rows, columns and
-// features add nothing to the products).
+// Every copy between global and shared memory moves 16 bytes (LDG.128 / STG.128: one memory
+// instruction per 8 half-precision elements rather than one per element). The host makes that
+// possible (ops_cuda.h, vector_ready): feature and slab rows hold a multiple of kVec<T> elements
+// and start 16-byte aligned, and every tile column offset is a multiple of kVec<T>, so a vector
+// lies entirely inside or entirely outside the matrix. Shared rows whose leading dimension is a
+// multiple of 16 bytes take vector stores too; the one-element pads of the 4- and 8-byte FMA
+// layouts take element stores.
 template <typename T>
-__device__ void load_tile(T* dst, int ld, const T* src, int64_t src_rows, int64_t src_cols,
-                          int64_t row0, int64_t col0, int tile_rows, int tile_cols) {
-  for (int idx = threadIdx.x; idx < tile_rows * tile_cols; idx += kThreads) {
-    const int i = idx / tile_cols, j = idx % tile_cols;
+constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+
+template <typename T>
+union Vec16 {
+  uint4 bits;
+  T elems[kVec<T>];
+};
+
+// dst[i * kLd + j] = src[(row0 + i) * src_cols + col0 + j] over a kRows x kCols tile, zero where
+// that falls outside the src_rows x src_cols matrix (so padded rows, columns and features add
+// nothing to the products).
+template <int kRows, int kCols, int kLd, typename T>
+__device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t src_rows, int64_t src_cols, int64_t row0,
+                          int64_t col0) {
+  static_assert(kCols % kVec<T> == 0, "tile columns are whole 16-byte vectors");
+  constexpr int kVecsPerRow = kCols / kVec<T>, kTotal = kRows * kVecsPerRow;
+  // Unrolled over a trip count known at compile time (one vector per thread for a 64 x 32
+  // half-precision chunk), so the copies are straight-line code.
+#pragma unroll
+  for (int k = 0; k < (kTotal + kThreads - 1) / kThreads; ++k) {
+    const int idx = int(threadIdx.x) + k * kThreads;
+    if (kTotal % kThreads != 0 && idx >= kTotal) break;
+    const int i = idx / kVecsPerRow, j = idx % kVecsPerRow * kVec<T>;
     const int64_t r = row0 + i, c = col0 + j;
-    dst[i * ld + j] = (r < src_rows && c < src_cols) ? src[r * src_cols + c] : static_cast<T>(0.0f);
+    Vec16<T> v;
+    v.bits = make_uint4(0, 0, 0, 0);  // zero in every floating type
+    if (r < src_rows && c < src_cols) v.bits = *reinterpret_cast<const uint4*>(src + r * src_cols + c);
+    if constexpr (kLd % kVec<T> == 0) {
+      *reinterpret_cast<uint4*>(dst + i * kLd + j) = v.bits;
+    } else {
+#pragma unroll
+      for (int e = 0; e < kVec<T>; ++e) dst[i * kLd + j + e] = v.elems[e];
+    }
   }
 }
 
 // The inverse of load_tile for the part of the tile inside the matrix.
-template <typename T>
-__device__ void store_tile(T* dst, int64_t dst_rows, int64_t dst_cols, int64_t row0, int64_t col0,
-                           const T* src, int ld, int tile_rows, int tile_cols) {
-  for (int idx = threadIdx.x; idx < tile_rows * tile_cols; idx += kThreads) {
-    const int i = idx / tile_cols, j = idx % tile_cols;
+template <int kRows, int kCols, int kLd, typename T>
+__device__ __forceinline__ void store_tile(T* dst, int64_t dst_rows, int64_t dst_cols, int64_t row0, int64_t col0,
+                           const T* src) {
+  static_assert(kCols % kVec<T> == 0, "tile columns are whole 16-byte vectors");
+  constexpr int kVecsPerRow = kCols / kVec<T>, kTotal = kRows * kVecsPerRow;
+#pragma unroll
+  for (int k = 0; k < (kTotal + kThreads - 1) / kThreads; ++k) {
+    const int idx = int(threadIdx.x) + k * kThreads;
+    if (kTotal % kThreads != 0 && idx >= kTotal) break;
+    const int i = idx / kVecsPerRow, j = idx % kVecsPerRow * kVec<T>;
     const int64_t r = row0 + i, c = col0 + j;
-    if (r < dst_rows && c < dst_cols) dst[r * dst_cols + c] = src[i * ld + j];
+    if (r >= dst_rows || c >= dst_cols) continue;
+    Vec16<T> v;
+    if constexpr (kLd % kVec<T> == 0) {
+      v.bits = *reinterpret_cast<const uint4*>(src + i * kLd + j);
+    } else {
+#pragma unroll
+      for (int e = 0; e < kVec<T>; ++e) v.elems[e] = src[i * kLd + j + e];
+    }
+    *reinterpret_cast<uint4*>(dst + r * dst_cols + c) = v.bits;
   }
 }
 
 // Step 1: acc += rows[row0 : row0 + kTile] · cols[col0 : col0 + kTile]ᵀ over `dim` features.
 template <typename T>
-__device__ void tile_product(TileAcc<T>& acc, const TileSmem<T>& sm, const T* rows,
+__device__ __forceinline__ void tile_product(TileAcc<T>& acc, const TileSmem<T>& sm, const T* rows,
                              int64_t n_rows, int64_t row0, const T* cols, int64_t n_cols,
                              int64_t col0, int64_t dim) {
   using L = TileLayout<T>;
   for (int64_t k0 = 0; k0 < dim; k0 += kChunk) {
-    load_tile(sm.chunk_rows, L::kLdChunk, rows, n_rows, dim, row0, k0, kTile, kChunk);
-    load_tile(sm.chunk_cols, L::kLdChunk, cols, n_cols, dim, col0, k0, kTile, kChunk);
+    load_tile<kTile, kChunk, L::kLdChunk>(sm.chunk_rows, rows, n_rows, dim, row0, k0);
+    load_tile<kTile, kChunk, L::kLdChunk>(sm.chunk_cols, cols, n_cols, dim, col0, k0);
     __syncthreads();
     acc.template mma</*kBTransposed=*/true>(sm.chunk_rows, L::kLdChunk, sm.chunk_cols,
                                             L::kLdChunk, kChunk);
@@ -276,27 +320,27 @@ __device__ void tile_product(TileAcc<T>& acc, const TileSmem<T>& sm, const T* ro
 // memory (owned x swept, leading dimension kLdCoef) written by the elementwise phase; this call
 // begins with a barrier that publishes them.
 template <typename T>
-__device__ void tile_accumulate(const TileSmem<T>& sm, accum_t<T>* slab, int64_t n_own,
+__device__ __forceinline__ void tile_accumulate(const TileSmem<T>& sm, accum_t<T>* slab, int64_t n_own,
                                 int64_t own0, int64_t dim, int64_t n_swept, int64_t swept0,
                                 const T* coef0, const T* value0, const T* coef1 = nullptr,
                                 const T* value1 = nullptr) {
   using L = TileLayout<T>;
   for (int64_t d0 = 0; d0 < dim; d0 += kTile) {
-    load_tile(sm.stage, L::kLdTile, slab, n_own, dim, own0, d0, kTile, kTile);
-    load_tile(sm.values, L::kLdValue, value0, n_swept, dim, swept0, d0, kTile, kTile);
+    load_tile<kTile, kTile, L::kLdTile>(sm.stage, slab, n_own, dim, own0, d0);
+    load_tile<kTile, kTile, L::kLdValue>(sm.values, value0, n_swept, dim, swept0, d0);
     __syncthreads();
     TileAcc<T> acc;
     acc.load(sm.stage, L::kLdTile);
     acc.template mma<false>(coef0, L::kLdCoef, sm.values, L::kLdValue, kTile);
     if (value1 != nullptr) {
       __syncthreads();
-      load_tile(sm.values, L::kLdValue, value1, n_swept, dim, swept0, d0, kTile, kTile);
+      load_tile<kTile, kTile, L::kLdValue>(sm.values, value1, n_swept, dim, swept0, d0);
       __syncthreads();
       acc.template mma<false>(coef1, L::kLdCoef, sm.values, L::kLdValue, kTile);
     }
     acc.store(sm.stage, L::kLdTile);
     __syncthreads();
-    store_tile(slab, n_own, dim, own0, d0, sm.stage, L::kLdTile, kTile, kTile);
+    store_tile<kTile, kTile, L::kLdTile>(slab, n_own, dim, own0, d0, sm.stage);
     __syncthreads();
   }
 }
@@ -305,7 +349,7 @@ __device__ void tile_accumulate(const TileSmem<T>& sm, accum_t<T>* slab, int64_t
 // [1] the interventional term: a·a' + b·b' ("concat", continuing the same accumulator) or b·b'
 // ("add"). Features arrive pre-scaled by 1/sqrt(tau), so these are already R/tau.
 template <typename T>
-__device__ void contrastive_logits(const TileSmem<T>& sm, const T* a, const T* b, int64_t rows,
+__device__ __forceinline__ void contrastive_logits(const TileSmem<T>& sm, const T* a, const T* b, int64_t rows,
                                    int64_t row0, const T* a_cols, const T* b_cols, int64_t cols,
                                    int64_t col0, int64_t dim_a, int64_t dim_b, int64_t combine) {
   using L = TileLayout<T>;
@@ -335,7 +379,7 @@ __device__ A nan_max(A m, A v) {
 // Folds this thread's share of a tile row, score(q) over the columns q where valid(q), into its
 // running (max, sum) with one max and one exp per element and a single lse_merge per tile.
 template <typename A, typename Score, typename Valid>
-__device__ void fold_tile_row(A& run_max, A& run_sum, Score score, Valid valid) {
+__device__ __forceinline__ void fold_tile_row(A& run_max, A& run_sum, Score score, Valid valid) {
   A tile_max = neg_inf<A>();
 #pragma unroll
   for (int m = 0; m < kColsPerLane; ++m)
@@ -351,7 +395,7 @@ __device__ void fold_tile_row(A& run_max, A& run_sum, Score score, Valid valid) 
 // Combine the running (max, sum) of the lanes of a tile row. Merging is symmetric, so every lane
 // ends with the same bits; the butterfly order is fixed, so results are deterministic.
 template <typename A>
-__device__ void merge_lanes(A& run_max, A& run_sum) {
+__device__ __forceinline__ void merge_lanes(A& run_max, A& run_sum) {
 #pragma unroll
   for (int offset = 1; offset < kLanesPerRow; offset *= 2) {
     const A other_max = __shfl_xor_sync(0xffffffffu, run_max, offset);

@@ -597,24 +597,37 @@ std::vector<T> row_references(const Contrastive& p) {
   return ref;
 }
 
-// Row block ri against every column block with the fixed references. Returns false when some
-// row's sum fell too low, leaving `stats` unchanged for those rows (grads must then be cleared).
-template <typename T>
-bool bounded_row_sweep(const Contrastive& p, const Blocks& col_blocks, Block ri,
-                       const std::vector<T>& ref, const at::Tensor& flat, int64_t rmax,
-                       int64_t cmax, RowStats<T>& stats, RowGradients& grads) {
-  std::vector<T> sums(2 * ri.size, T(0));
+// Row block ri against every column block: each tile's logits, turned per term in place by
+// exponentials(t, s, tile, cols) into its rows' softmax numerators, applied to the columns'
+// features and added into grads.
+template <typename T, typename F>
+void row_gradient_sweep(const Contrastive& p, const Blocks& col_blocks, Block ri,
+                        const at::Tensor& flat, int64_t rmax, int64_t cmax, RowGradients& grads,
+                        const F& exponentials) {
   for (int64_t j = 0; j < col_blocks.count(); ++j) {
     const Block cj = col_blocks[j];
     Tile<T> tile = tile_buffers<T>(flat, rmax, cmax, ri, cj);
     compute_logits(p, ri, cj, tile);
     for (int64_t t = 0; t < p.terms(); ++t) {
-      T* s = (t == 0 ? tile.base : tile.inter).template data_ptr<T>();
-      tile_passes<T>().shifted_exp(s, ri.size, cj.size, &ref[t * p.rows + ri.begin],
-                                   &sums[t * ri.size]);
+      exponentials(t, (t == 0 ? tile.base : tile.inter).template data_ptr<T>(), tile, cj.size);
     }
     grads.accumulate(p, ri, cj, tile);
   }
+}
+
+// Row block ri with the fixed references. Returns false when some row's sum fell too low,
+// leaving `stats` unchanged for those rows (grads must then be cleared).
+template <typename T>
+bool bounded_row_sweep(const Contrastive& p, const Blocks& col_blocks, Block ri,
+                       const std::vector<T>& ref, const at::Tensor& flat, int64_t rmax,
+                       int64_t cmax, RowStats<T>& stats, RowGradients& grads) {
+  std::vector<T> sums(2 * ri.size, T(0));
+  row_gradient_sweep<T>(p, col_blocks, ri, flat, rmax, cmax, grads,
+                        [&](int64_t t, T* s, Tile<T>&, int64_t cols) {
+                          tile_passes<T>().shifted_exp(s, ri.size, cols,
+                                                       &ref[t * p.rows + ri.begin],
+                                                       &sums[t * ri.size]);
+                        });
   const T min_sum = std::exp(-kRowShiftRange<T>);
   for (int64_t k = 0; k < p.terms() * ri.size; ++k) {
     if (!(sums[k] >= min_sum)) return false;  // negated: NaN fails
@@ -640,17 +653,13 @@ void exact_row_sweep(const Contrastive& p, const TileSchedule& schedule,
     Tile<T> tile = tile_buffers<T>(flat, rmax, cmax, ri, col_blocks[j]);
     merge_tile(p, bounds, TileVisit{i, j, true, false}, ri, col_blocks[j], tile, stats);
   }
-  for (int64_t j = 0; j < col_blocks.count(); ++j) {
-    const Block cj = col_blocks[j];
-    Tile<T> tile = tile_buffers<T>(flat, rmax, cmax, ri, cj);
-    compute_logits(p, ri, cj, tile);
-    for (int64_t t = 0; t < p.terms(); ++t) {
-      T* s = (t == 0 ? tile.base : tile.inter).template data_ptr<T>();
-      tile_passes<T>().coefficients(s, ri.size, cj.size, &stats.max[t * p.rows + ri.begin],
-                                    nullptr, T(1), nullptr, nullptr, nullptr, tile.scratch);
-    }
-    grads.accumulate(p, ri, cj, tile);
-  }
+  row_gradient_sweep<T>(p, col_blocks, ri, flat, rmax, cmax, grads,
+                        [&](int64_t t, T* s, Tile<T>& tile, int64_t cols) {
+                          tile_passes<T>().coefficients(s, ri.size, cols,
+                                                        &stats.max[t * p.rows + ri.begin],
+                                                        nullptr, T(1), nullptr, nullptr,
+                                                        nullptr, tile.scratch);
+                        });
 }
 
 template <typename T>

@@ -246,21 +246,28 @@ union Vec16 {
   T elems[kVec<T>];
 };
 
-// dst[i * kLd + j] = src[(row0 + i) * src_cols + col0 + j] over a kRows x kCols tile, zero where
-// that falls outside the src_rows x src_cols matrix (so padded rows, columns and features add
-// nothing to the products).
-template <int kRows, int kCols, int kLd, typename T>
-__device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t src_rows, int64_t src_cols, int64_t row0,
-                          int64_t col0) {
+// Calls f(i, j) for every 16-byte vector of a kRows x kCols tile of T (row i, first column j),
+// spread over the CTA's threads. Unrolled over a trip count known at compile time (one vector
+// per thread for a 64 x 32 half-precision chunk), so the copies are straight-line code.
+template <int kRows, int kCols, typename T, typename F>
+__device__ __forceinline__ void for_each_vector(const F& f) {
   static_assert(kCols % kVec<T> == 0, "tile columns are whole 16-byte vectors");
   constexpr int kVecsPerRow = kCols / kVec<T>, kTotal = kRows * kVecsPerRow;
-  // Unrolled over a trip count known at compile time (one vector per thread for a 64 x 32
-  // half-precision chunk), so the copies are straight-line code.
 #pragma unroll
   for (int k = 0; k < (kTotal + kThreads - 1) / kThreads; ++k) {
     const int idx = int(threadIdx.x) + k * kThreads;
     if (kTotal % kThreads != 0 && idx >= kTotal) break;
-    const int i = idx / kVecsPerRow, j = idx % kVecsPerRow * kVec<T>;
+    f(idx / kVecsPerRow, idx % kVecsPerRow * kVec<T>);
+  }
+}
+
+// dst[i * kLd + j] = src[(row0 + i) * src_cols + col0 + j] over a kRows x kCols tile, zero where
+// that falls outside the src_rows x src_cols matrix (so padded rows, columns and features add
+// nothing to the products).
+template <int kRows, int kCols, int kLd, typename T>
+__device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t src_rows,
+                                          int64_t src_cols, int64_t row0, int64_t col0) {
+  for_each_vector<kRows, kCols, T>([&](int i, int j) {
     const int64_t r = row0 + i, c = col0 + j;
     Vec16<T> v;
     v.bits = make_uint4(0, 0, 0, 0);  // zero in every floating type
@@ -271,22 +278,16 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t src_rows
 #pragma unroll
       for (int e = 0; e < kVec<T>; ++e) dst[i * kLd + j + e] = v.elems[e];
     }
-  }
+  });
 }
 
 // The inverse of load_tile for the part of the tile inside the matrix.
 template <int kRows, int kCols, int kLd, typename T>
-__device__ __forceinline__ void store_tile(T* dst, int64_t dst_rows, int64_t dst_cols, int64_t row0, int64_t col0,
-                           const T* src) {
-  static_assert(kCols % kVec<T> == 0, "tile columns are whole 16-byte vectors");
-  constexpr int kVecsPerRow = kCols / kVec<T>, kTotal = kRows * kVecsPerRow;
-#pragma unroll
-  for (int k = 0; k < (kTotal + kThreads - 1) / kThreads; ++k) {
-    const int idx = int(threadIdx.x) + k * kThreads;
-    if (kTotal % kThreads != 0 && idx >= kTotal) break;
-    const int i = idx / kVecsPerRow, j = idx % kVecsPerRow * kVec<T>;
+__device__ __forceinline__ void store_tile(T* dst, int64_t dst_rows, int64_t dst_cols,
+                                           int64_t row0, int64_t col0, const T* src) {
+  for_each_vector<kRows, kCols, T>([&](int i, int j) {
     const int64_t r = row0 + i, c = col0 + j;
-    if (r >= dst_rows || c >= dst_cols) continue;
+    if (r >= dst_rows || c >= dst_cols) return;
     Vec16<T> v;
     if constexpr (kLd % kVec<T> == 0) {
       v.bits = *reinterpret_cast<const uint4*>(src + i * kLd + j);
@@ -295,7 +296,7 @@ __device__ __forceinline__ void store_tile(T* dst, int64_t dst_rows, int64_t dst
       for (int e = 0; e < kVec<T>; ++e) v.elems[e] = src[i * kLd + j + e];
     }
     *reinterpret_cast<uint4*>(dst + r * dst_cols + c) = v.bits;
-  }
+  });
 }
 
 // Step 1: acc += rows[row0 : row0 + kTile] · cols[col0 : col0 + kTile]ᵀ over `dim` features.

@@ -80,14 +80,13 @@ def make_inputs(n: int, d: int, k: int, dtype: torch.dtype, device: torch.device
     return inputs
 
 
-# Memory-bank mode, N anchors against Q columns, products of N × Q × D per term. NT-Xent's bank
-# is a constant: a forward that will be differentiated computes the logits and applies their
-# softmax weights to the bank rows in one sweep (2), which leaves the backward a scaling (0).
-# ICL-MSR's bank columns get gradients through the prototypes: the forward computes the logits
-# (1); the backward recomputes them and applies the coefficients to the rows (2), then once more
-# for the columns (2).
+# Memory-bank mode, N anchors against Q columns, products of N × Q × D per term. A forward that
+# will be differentiated computes the logits and applies their softmax weights to the bank rows
+# in one sweep, the rows' gradients (2). NT-Xent's bank is a constant, which leaves the backward
+# a scaling (0); ICL-MSR's bank columns get gradients through the prototypes, and the backward
+# recomputes the logits and applies the coefficients to the rows once more for them (2).
 BANK_PRODUCTS = {"ntxent": {"fwd": 2, "bwd": 0, "fwdbwd": 2},
-                 "icl-msr": {"fwd": 1, "bwd": 4, "fwdbwd": 5}}
+                 "icl-msr": {"fwd": 2, "bwd": 2, "fwdbwd": 4}}
 
 
 def fused_flops(n: int, d: int, phase: str, loss: str = "icl-msr", bank: int = 0) -> float:

@@ -21,13 +21,14 @@ TORCH_LIBRARY(icl_msr, m) {
   m.def("contrastive_backward(Tensor grad_losses, Tensor a, Tensor? b, Tensor? a_cols, "
         "Tensor? b_cols, Tensor? positive_logits, Tensor row_lse, int row_offset, str combine, "
         "bool column_grads) -> (Tensor, Tensor, Tensor, Tensor)");
-  // Memory-bank mode with a constant bank: the forward also returns each row's gradient sums
-  // (a_rows (1 or 2, B, D) per term, b_rows (B, Db)), and the backward only scales them by the
-  // upstream gradients. CPU only.
+  // Memory-bank mode: the forward also returns each row's gradient sums (a_rows (1 or 2, B, D)
+  // per term, b_rows (B, Db)); the backward scales them by the upstream gradients and, with
+  // column_grads, sweeps the columns for theirs. CPU only.
   m.def("contrastive_rows_forward(Tensor a, Tensor? b, Tensor a_cols, Tensor? b_cols, "
         "Tensor positive_logits, str combine) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("contrastive_rows_backward(Tensor grad_losses, Tensor a_rows, Tensor b_rows, "
-        "str combine) -> (Tensor, Tensor)");
+  m.def("contrastive_rows_backward(Tensor grad_losses, Tensor a_rows, Tensor b_rows, Tensor a, "
+        "Tensor? b, Tensor a_cols, Tensor? b_cols, Tensor positive_logits, Tensor row_lse, "
+        "str combine, bool column_grads) -> (Tensor, Tensor, Tensor, Tensor)");
   // The split distributed sweep: the listed block pairs of M rows (every rank's, in groups of
   // group_rows), each tile once. Forward: the (max, sum of exp) (2, M) of every row's negatives
   // over those tiles. Backward: their share of the gradient rows (M, D), (M, Db) for per-row

@@ -106,11 +106,12 @@ def test_rectangular_columns_match_reference(combine, dtype, tol):
 
 # --- the constant memory bank: row gradients accumulated in the forward -------------------------
 
-def _bank_operands(combine, *, rows=600, cols=1100, seed=13, outlier=None):
+def _bank_operands(combine, *, rows=600, cols=1100, seed=13, outlier=None, column_grads=False):
     """Memory-bank operands (rows anchors, cols bank columns, explicit positive logits) in
-    float64, the rows requiring grad. With `outlier`, one bank row of that norm along feature 0
-    and the anchors of the second row block orthogonal to it: their logits lie far below the
-    Cauchy-Schwarz bound that the row sweep takes as its reference."""
+    float64, the rows (and with column_grads the columns) requiring grad. With `outlier`, one
+    bank row of that norm along feature 0 and the anchors of the second row block orthogonal to
+    it: their logits lie far below the Cauchy-Schwarz bound that the row sweep takes as its
+    reference."""
     gen = torch.Generator().manual_seed(seed)
 
     def features(n, d, scale=1.0):
@@ -125,7 +126,8 @@ def _bank_operands(combine, *, rows=600, cols=1100, seed=13, outlier=None):
     positives = features(2, rows)
     if combine == "none":
         b = b_cols = None
-    return [None if t is None else t.requires_grad_(i in (0, 1, 4))
+    wanted = (0, 1, 2, 3, 4) if column_grads else (0, 1, 4)
+    return [None if t is None else t.requires_grad_(i in wanted)
             for i, t in enumerate((a, b, a_cols, b_cols, positives))]
 
 
@@ -148,11 +150,13 @@ def _check_bank_rows(masters, combine, dtype, tol):
         assert (g.double() - r).abs().max() <= 10 * tol * r.abs().max()
 
 
+@pytest.mark.parametrize("column_grads", [False, True], ids=["constant", "column-grads"])
 @pytest.mark.parametrize("combine", ["none", "concat", "add"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
-def test_constant_bank_rows_forward_matches_reference(combine, dtype, tol):
-    """2 row blocks x 3 column blocks, Q not a block multiple."""
-    _check_bank_rows(_bank_operands(combine), combine, dtype, tol)
+def test_bank_rows_forward_matches_reference(combine, dtype, tol, column_grads):
+    """2 row blocks x 3 column blocks, Q not a block multiple; the columns' gradients from the
+    backward's column sweep."""
+    _check_bank_rows(_bank_operands(combine, column_grads=column_grads), combine, dtype, tol)
 
 
 @pytest.mark.parametrize("combine", ["none", "concat"])
@@ -165,7 +169,7 @@ def test_constant_bank_row_blocks_far_below_the_bound_are_redone_exactly(combine
     _check_bank_rows(masters, combine, dtype, tol)
 
 
-def test_constant_bank_takes_the_rows_forward_only_when_it_pays():
+def test_bank_takes_the_rows_forward_only_when_it_pays():
     z1, z2 = torch.randn(6, 4, requires_grad=True), torch.randn(6, 4, requires_grad=True)
     bank = torch.nn.functional.normalize(torch.randn(9, 4), dim=1)
 
@@ -175,23 +179,21 @@ def test_constant_bank_takes_the_rows_forward_only_when_it_pays():
     assert "contrastive_rows_forward" in op_of(ntxent_loss(z1, z2, bank=bank, backend="cpp"))
     learnable = torch.tensor(0.5, requires_grad=True)  # the bank columns then need gradients
     loss = ntxent_loss(z1, z2, bank=bank, temperature=learnable, backend="cpp")
-    assert "contrastive_forward" in op_of(loss) and "rows" not in op_of(loss)
+    assert "contrastive_rows_forward" in op_of(loss)
+    constant = ntxent_loss(z1.detach(), z2.detach(), bank=bank, backend="cpp")
+    assert constant.grad_fn is None  # nothing to differentiate: the plain forward
     with torch.no_grad():
         plain = ntxent_loss(z1, z2, bank=bank, backend="cpp")
     with_rows = ntxent_loss(z1, z2, bank=bank, backend="cpp")
     torch.testing.assert_close(plain, with_rows.detach(), rtol=1e-6, atol=0)
 
 
-def test_rows_forward_refuses_column_gradients_and_double_backward():
-    a, b, a_cols, b_cols, positives = _bank_operands("add", rows=8, cols=5)
-    losses, *_ = _ops().contrastive_rows_forward(a, b, a_cols.requires_grad_(), b_cols,
-                                                 positives, "add")
-    with pytest.raises(RuntimeError, match="no gradient to the columns"):
-        torch.autograd.grad(losses.sum(), [a, a_cols])
-    losses, *_ = _ops().contrastive_rows_forward(a, b, a_cols.detach(), b_cols, positives, "add")
+def test_rows_forward_refuses_double_backward():
+    a, b, a_cols, b_cols, positives = _bank_operands("add", rows=8, cols=5, column_grads=True)
+    losses, *_ = _ops().contrastive_rows_forward(a, b, a_cols, b_cols, positives, "add")
     (grad,) = torch.autograd.grad(losses.sum(), [a], create_graph=True)
     with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad(grad.square().sum(), [b])
+        torch.autograd.grad(grad.square().sum(), [b_cols])
 
 
 def test_auto_picks_cpp_for_cpu_tensors():
@@ -221,11 +223,13 @@ def test_op_argument_checks():
         _ops().contrastive_forward(a, None, None, None, torch.zeros(2, 5), 0, "none")
     with pytest.raises(RuntimeError, match="positive_logits must have 5"):
         _ops().contrastive_forward(a, None, a, None, torch.zeros(2, 4), 0, "none")
-    rows = torch.zeros(2, 5, 3)
+    rows, lse, bank = torch.zeros(2, 5, 3), torch.zeros(2, 5), torch.zeros(4, 3)
     with pytest.raises(RuntimeError, match="a_rows must have 1 terms"):
-        _ops().contrastive_rows_backward(torch.ones(2), rows, torch.zeros(0), "none")
+        _ops().contrastive_rows_backward(torch.ones(2), rows, torch.zeros(0), a, None, bank,
+                                         None, lse, lse, "none", False)
     with pytest.raises(RuntimeError, match="b_rows must have 5 rows"):
-        _ops().contrastive_rows_backward(torch.ones(2), rows, torch.zeros(4, 3), "concat")
+        _ops().contrastive_rows_backward(torch.ones(2), rows, torch.zeros(4, 3), a, a, bank,
+                                         bank, lse, lse, "concat", True)
     with pytest.raises(RuntimeError, match="a_cols must have 3 features"):
         _ops().contrastive_rows_forward(a, None, torch.zeros(4, 2), None, torch.zeros(2, 5),
                                         "none")
@@ -272,14 +276,19 @@ def _op_samples():
                 samples.append((ops.contrastive_backward.default,
                                 (t(2, dtype=dtype), a, b, *cols, pos, lse, offset, combine,
                                  cols[0] is not None)))
-            # the constant memory bank: the row gradients from the forward
-            leaves = [None if v is None else v.detach().requires_grad_(i != 2 and i != 3)
-                      for i, v in enumerate((a, b, a_cols, b_cols, positives))]
-            samples.append((ops.contrastive_rows_forward.default, (*leaves, combine)))
-            _, _, a_rows, b_rows = ops.contrastive_rows_forward(a, b, a_cols, b_cols, positives,
-                                                                combine)
-            samples.append((ops.contrastive_rows_backward.default,
-                            (t(2, dtype=a_rows.dtype), a_rows, b_rows, combine)))
+            # the memory bank with the row gradients from the forward: a constant bank, and
+            # one whose columns need gradients
+            for columns_too in (False, True):
+                leaves = [None if v is None else
+                          v.detach().requires_grad_(columns_too or i not in (2, 3))
+                          for i, v in enumerate((a, b, a_cols, b_cols, positives))]
+                samples.append((ops.contrastive_rows_forward.default, (*leaves, combine)))
+            _, lse, a_rows, b_rows = ops.contrastive_rows_forward(a, b, a_cols, b_cols,
+                                                                  positives, combine)
+            for column_grads in (False, True):
+                samples.append((ops.contrastive_rows_backward.default,
+                                (t(2, dtype=a_rows.dtype), a_rows, b_rows, a, b, a_cols, b_cols,
+                                 positives, lse, combine, column_grads)))
     return samples
 
 

@@ -32,6 +32,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <optional>
 #include <tuple>
@@ -148,18 +149,20 @@ std::vector<Round> square_rounds(int64_t n) {
   return rounds;
 }
 
-enum class Sweep { kRows, kRowsThenColumns };
+enum class Sweep { kRows, kRowsThenColumns, kColumns };
 
 // Rectangular mode: a row sweep (one task per row block, over all column blocks) and, for the
 // column gradients, a column sweep (one task per column block, over all row blocks) that
 // recomputes the tiles rather than two tasks writing the same rows.
 std::vector<Round> sweep_rounds(int64_t row_count, int64_t col_count, Sweep sweep) {
   std::vector<Round> rounds;
-  Round rows(row_count);
-  for (int64_t i = 0; i < row_count; ++i) {
-    for (int64_t j = 0; j < col_count; ++j) rows[i].push_back({i, j, true, false});
+  if (sweep != Sweep::kColumns) {
+    Round rows(row_count);
+    for (int64_t i = 0; i < row_count; ++i) {
+      for (int64_t j = 0; j < col_count; ++j) rows[i].push_back({i, j, true, false});
+    }
+    rounds.push_back(std::move(rows));
   }
-  rounds.push_back(std::move(rows));
   if (sweep == Sweep::kRows) return rounds;
   Round cols(col_count);
   for (int64_t j = 0; j < col_count; ++j) {
@@ -474,20 +477,30 @@ void apply_tile(const Contrastive& p, Block ri, Block cj, const Tile<T>& tile, b
   if (p.has_int()) apply(tile.inter, p.b, p.b_cols, grad_b);
 }
 
+// The gradients of the sweep's rows and/or columns (square mode: one symmetric sweep, `sweep`
+// ignored), from the saved row log-sum-exps and scale[t] = dLoss/dL_t / rows.
 template <typename T>
-void backward_impl(const Contrastive& p, const T* row_lse, const T* scale, bool column_grads,
+void backward_impl(const Contrastive& p, const T* row_lse, const T* scale, Sweep sweep,
                    at::Tensor& grad_a, at::Tensor& grad_b, at::Tensor& grad_a_cols,
                    at::Tensor& grad_b_cols) {
   // In square mode the columns are the rows: a pair tile's transpose adds to the row gradients
   // of its column block (G + Gᵀ is symmetric).
   at::Tensor& col_grad_a = p.square ? grad_a : grad_a_cols;
   at::Tensor& col_grad_b = p.square ? grad_b : grad_b_cols;
-  const TileSchedule schedule(p, column_grads ? Sweep::kRowsThenColumns : Sweep::kRows);
+  const TileSchedule schedule(p, sweep);
   for_each_tile<T>(p, schedule, [&](const TileVisit& v, Block ri, Block cj, Tile<T>& tile) {
     gradient_tile(p, ri, cj, tile, row_lse, scale);
     if (v.to_rows) apply_tile(p, ri, cj, tile, false, grad_a, grad_b);
     if (v.to_cols) apply_tile(p, ri, cj, tile, true, col_grad_a, col_grad_b);
   });
+}
+
+// scale[t] = grad_losses[t] / rows (a contiguous tensor in the accumulation dtype T).
+template <typename T>
+std::array<T, 2> term_scales(const at::Tensor& grad_losses, int64_t rows) {
+  const T inv_rows = T(1) / static_cast<T>(rows);
+  const T* g = grad_losses.data_ptr<T>();
+  return {g[0] * inv_rows, g[1] * inv_rows};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_backward(
@@ -509,11 +522,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_backward(
   at::Tensor grad_a_cols = column_grads ? zeros_like_acc(p.a_cols) : at::Tensor();
   at::Tensor grad_b_cols = column_grads ? zeros_like_acc(p.b_cols) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(acc, "icl_msr::contrastive_backward", [&] {
-    const scalar_t inv_rows = scalar_t(1) / static_cast<scalar_t>(p.rows);
-    const scalar_t scale[2] = {g.data_ptr<scalar_t>()[0] * inv_rows,
-                               g.data_ptr<scalar_t>()[1] * inv_rows};
-    backward_impl<scalar_t>(p, lse.data_ptr<scalar_t>(), scale, column_grads, grad_a, grad_b,
-                            grad_a_cols, grad_b_cols);
+    const auto scale = term_scales<scalar_t>(g, p.rows);
+    backward_impl<scalar_t>(p, lse.data_ptr<scalar_t>(), scale.data(),
+                            column_grads ? Sweep::kRowsThenColumns : Sweep::kRows, grad_a,
+                            grad_b, grad_a_cols, grad_b_cols);
   });
 
   // In the inputs' dtypes; an input that was None gets an empty gradient, one that was given
@@ -530,13 +542,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_backward(
 // ---------------------------------------------------------------------------------------------
 // Memory-bank forward with the row gradients: contrastive_rows_forward / contrastive_rows_backward.
 //
-// With a constant bank the columns need no gradient, and a row's gradient is, per term, a
-// softmax-weighted sum of the column features, like an attention output (docs/math.md §3):
-// dL_t/da_r = s_t sum_c P_t[r, c] a'_c (and the same over b'_c for the interventional term, and
-// in "concat" over a'_c too, whose logits contain a·a'), with s_t = dLoss/dL_t / rows. This
-// forward accumulates those sums with the row statistics, flash-attention style, and the backward
-// only scales them: one logit product and one apply per term, where forward_impl and
-// backward_impl need three (the backward recomputes the logits).
+// With explicit positives a row's gradient is, per term, a softmax-weighted sum of the column
+// features, like an attention output (docs/math.md §3): dL_t/da_r = s_t sum_c P_t[r, c] a'_c
+// (and the same over b'_c for the interventional term, and in "concat" over a'_c too, whose
+// logits contain a·a'), with s_t = dLoss/dL_t / rows. This forward accumulates those sums with
+// the row statistics, flash-attention style, and the backward only scales them: one logit
+// product and one apply per term, where forward_impl and backward_impl's row sweep need three
+// (the backward recomputes the logits). Columns that need gradients (the prototypes reach the
+// bank's interventional features) still get backward_impl's column sweep.
 //
 // Every row and term has a fixed reference, the Cauchy-Schwarz bound of its logits
 // ref_r = |a_r| max_c |a'_c| (plus |b_r| max_c |b'_c|), so the sweep needs no running max and
@@ -702,26 +715,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_rows_forw
   return {losses, row_lse, grads.a, grads.b};
 }
 
-// grad_a = sum_t s_t a_rows[t], grad_b = s_1 b_rows, s_t = grad_losses[t] / rows.
-std::tuple<at::Tensor, at::Tensor> contrastive_rows_backward(const at::Tensor& grad_losses,
-                                                             const at::Tensor& a_rows,
-                                                             const at::Tensor& b_rows,
-                                                             c10::string_view combine) {
-  const Combine mode = parse_combine(combine);
-  check_tensor(a_rows, "a_rows", 3, a_rows.device());
-  TORCH_CHECK(a_rows.device().is_cpu(), "a_rows must be a CPU tensor for the CPU kernels");
-  check_size(a_rows, "a_rows", 0, mode == kCombineConcat ? 2 : 1,
+// grad_a = sum_t s_t a_rows[t], grad_b = s_1 b_rows, s_t = grad_losses[t] / rows; with
+// column_grads, the columns' gradients from a column sweep over the tiles (recomputed).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_rows_backward(
+    const at::Tensor& grad_losses, const at::Tensor& a_rows, const at::Tensor& b_rows,
+    const at::Tensor& a, const std::optional<at::Tensor>& b, const at::Tensor& a_cols,
+    const std::optional<at::Tensor>& b_cols, const at::Tensor& positive_logits,
+    const at::Tensor& row_lse, c10::string_view combine, bool column_grads) {
+  const Contrastive p = prepare(a, b, a_cols, b_cols, positive_logits, 0, combine);
+  check_contrastive_backward_args(grad_losses, row_lse, a);
+  const auto acc = p.a.scalar_type();
+  check_tensor(a_rows, "a_rows", 3, a.device());
+  check_size(a_rows, "a_rows", 0, p.mode == kCombineConcat ? 2 : 1,
              "terms (2 for \"concat\", else 1)");
-  check_tensor(grad_losses, "grad_losses", 1, a_rows.device());
-  check_size(grad_losses, "grad_losses", 0, 2, "entries (L_base, L_int)");
-  const int64_t rows = a_rows.size(1);
-  const at::Tensor scale = grad_losses.to(a_rows.scalar_type()) / static_cast<double>(rows);
+  check_size(a_rows, "a_rows", 1, p.rows, "rows, as a");
+  TORCH_CHECK(a_rows.scalar_type() == acc, "a_rows must be ", acc, ", got ",
+              a_rows.scalar_type());
+  const at::Tensor g = to_acc(grad_losses, acc);
+  const at::Tensor scale = g / static_cast<double>(p.rows);
   at::Tensor grad_a = a_rows[0] * scale[0];
-  if (mode == kCombineConcat) grad_a.add_(a_rows[1] * scale[1]);
-  if (mode == kCombineNone) return {grad_a, at::empty({0}, a_rows.options())};
-  check_tensor(b_rows, "b_rows", 2, a_rows.device());
-  check_size(b_rows, "b_rows", 0, rows, "rows, as a_rows");
-  return {grad_a, b_rows * scale[1]};
+  if (p.mode == kCombineConcat) grad_a.add_(a_rows[1] * scale[1]);
+  at::Tensor grad_b = at::empty({0}, p.a.options());
+  if (p.has_int()) {
+    check_tensor(b_rows, "b_rows", 2, a.device());
+    check_size(b_rows, "b_rows", 0, p.rows, "rows, as a");
+    grad_b = b_rows * scale[1];
+  }
+  at::Tensor grad_a_cols = at::empty({0}, p.a.options()), grad_b_cols = grad_a_cols.clone();
+  if (column_grads) {
+    grad_a_cols = at::zeros_like(p.a_cols);
+    if (p.has_int()) grad_b_cols = at::zeros_like(p.b_cols);
+    const at::Tensor lse = to_acc(row_lse, acc);
+    at::Tensor unused_a, unused_b;  // the rows' gradients came from the forward
+    AT_DISPATCH_FLOATING_TYPES(acc, "icl_msr::contrastive_rows_backward", [&] {
+      const auto scales = term_scales<scalar_t>(g, p.rows);
+      backward_impl<scalar_t>(p, lse.data_ptr<scalar_t>(), scales.data(), Sweep::kColumns,
+                              unused_a, unused_b, grad_a_cols, grad_b_cols);
+    });
+  }
+  return {grad_a, grad_b, grad_a_cols, grad_b_cols};
 }
 
 // ---------------------------------------------------------------------------------------------

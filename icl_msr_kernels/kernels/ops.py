@@ -17,15 +17,17 @@ C++/CUDA extension, csrc/ops.cpp; ``icl_msr_triton`` for the Triton kernels):
   tensor that was None gets an empty (0-element) gradient, and so do the columns when
   column_grads is False (a constant memory bank: the column sweep is skipped).
 
-and, optionally (the CPU kernels), for the memory-bank mode with a constant bank:
+and, optionally (the CPU kernels), for the memory-bank mode:
 
 - ``contrastive_rows_forward(a, b?, a_cols, b_cols?, positive_logits, combine) -> (losses,
   row_lse, a_rows, b_rows)``: contrastive_forward's outputs, and each row's gradient sums,
   accumulated in the same sweep: a_rows (1, B, D) or, for "concat", (2, B, D) per term over
   the a columns, b_rows (B, Db) over the b columns (empty for "none"), in the accumulation
-  dtype. The columns get no gradient.
-- ``contrastive_rows_backward(grad_losses, a_rows, b_rows, combine) -> (grad_a, grad_b)``: the
-  row gradients for upstream grad_losses, a scaling of the sums, in the accumulation dtype.
+  dtype.
+- ``contrastive_rows_backward(grad_losses, a_rows, b_rows, a, b?, a_cols, b_cols?,
+  positive_logits, row_lse, combine, column_grads: bool) -> (grad_a, grad_b, grad_a_cols,
+  grad_b_cols)``: the row gradients for upstream grad_losses, a scaling of the sums, and with
+  column_grads the columns' from a column sweep (else empty), in the accumulation dtype.
 
 and, for distributed negatives that split the job's symmetric sweep among the ranks
 (`distributed.SplitContrastive`; not differentiable themselves):
@@ -98,9 +100,16 @@ def contrastive_rows_forward_fake(a, b, a_cols, b_cols, positive_logits, combine
             a.new_empty(terms_on_a, *a.shape, dtype=acc), b_rows)
 
 
-def contrastive_rows_backward_fake(grad_losses, a_rows, b_rows, combine):
-    grad_b = a_rows.new_empty(0) if combine == "none" else torch.empty_like(b_rows)
-    return a_rows.new_empty(a_rows.shape[1:]), grad_b
+def contrastive_rows_backward_fake(grad_losses, a_rows, b_rows, a, b, a_cols, b_cols,
+                                   positive_logits, row_lse, combine, column_grads):
+    acc = a_rows.dtype
+    with_b = combine != "none"
+
+    def like(t, wanted):
+        return t.new_empty(t.shape, dtype=acc) if wanted else a_rows.new_empty(0)
+
+    return (a_rows.new_empty(a_rows.shape[1:]), like(b if with_b else a, with_b),
+            like(a_cols, column_grads), like(b_cols if with_b else a_cols, column_grads and with_b))
 
 
 def contrastive_pairs_forward_fake(a, b, block_starts, pairs, group_rows, combine):
@@ -209,21 +218,20 @@ def register_autograd(namespace: str, backend: str) -> None:
         ctx.mark_non_differentiable(row_lse, a_rows, b_rows)
 
     def rows_backward(ctx, grad_losses, _grad_row_lse, _grad_a_rows, _grad_b_rows):
-        if any(ctx.needs_input_grad[2:4]):
-            raise RuntimeError(
-                f"icl_msr_kernels: {namespace}::contrastive_rows_forward gives no gradient to "
-                f"the columns (a constant memory bank); use contrastive_forward for columns "
-                f"that require grad")
         a, b, a_cols, b_cols, positive_logits, row_lse, a_rows, b_rows = ctx.saved_tensors
+        operands = (a, b, a_cols, b_cols, positive_logits)
         if torch.is_grad_enabled():
             # create_graph: the sweep's backward op records the node that refuses a second
             # derivative, which the sums, constants to autograd, cannot.
-            return (*sweep_backward(grad_losses, (a, b, a_cols, b_cols, positive_logits),
-                                    row_lse, 0, ctx.combine, ctx.needs_input_grad), None)
-        grad_a, grad_b = ops.contrastive_rows_backward(grad_losses, a_rows, b_rows, ctx.combine)
-        grad_b = grad_b.to(b.dtype) if b is not None and ctx.needs_input_grad[1] else None
+            return (*sweep_backward(grad_losses, operands, row_lse, 0, ctx.combine,
+                                    ctx.needs_input_grad), None)
+        column_grads = any(ctx.needs_input_grad[2:4])
+        grads = ops.contrastive_rows_backward(grad_losses, a_rows, b_rows, *operands, row_lse,
+                                              ctx.combine, column_grads)
+        grads = [g.to(t.dtype) if t is not None and needed else None
+                 for g, t, needed in zip(grads, operands[:4], ctx.needs_input_grad)]
         grad_positive = positive_logit_grad(grad_losses, positive_logits, row_lse, ctx.combine)
-        return grad_a.to(a.dtype), grad_b, None, None, grad_positive, None
+        return (*grads, grad_positive, None)
 
     torch.library.register_autograd(f"{namespace}::attention_forward", attention_backward,
                                     setup_context=attention_setup)
@@ -294,11 +302,11 @@ class OpKernels:
         return losses[0], losses[1]
 
     def _use_rows_forward(self, a, b, a_cols, b_cols, positive_logits) -> bool:
-        """A memory bank whose columns need no gradient, in a call that will be differentiated:
-        the forward that also accumulates the row gradients saves the backward's sweep. (Without
-        a backward to come, the plain forward is cheaper.)"""
+        """A memory bank, in a call that will be differentiated: the forward that also
+        accumulates the row gradients saves the backward's row sweep (the columns, when they
+        need gradients, still get a sweep of their own). Without a backward to come, the plain
+        forward is cheaper."""
         if not self.rows_forward or positive_logits is None or not torch.is_grad_enabled():
             return False
-        if any(t is not None and t.requires_grad for t in (a_cols, b_cols)):
-            return False
-        return any(t is not None and t.requires_grad for t in (a, b, positive_logits))
+        return any(t is not None and t.requires_grad
+                   for t in (a, b, a_cols, b_cols, positive_logits))

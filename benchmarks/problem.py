@@ -18,12 +18,16 @@ DTYPES: dict[str, torch.dtype] = {
     "float64": torch.float64,
 }
 
-# The GEMM floor: full (2N)^2 * D tile products a fused algorithm must do at the least. The
-# logits are symmetric in single-process mode, so each tile pair {i, j} is computed once:
-# forward a·aᵀ and b·bᵀ over half the tiles (1 product); backward recomputes them (1) and applies
-# the coefficients of G and Gᵀ to the two feature sets (2). A backend that sweeps every tile
-# (both triangles) does 6, so it can reach at most 4/6 of this floor (docs/math.md §3-4, PERF_NOTES).
+# The GEMM floor: full (2N)^2 * D tile products a fused algorithm must do at the least, which is
+# what cpp does. The logits are symmetric in single-process mode, so each tile pair {i, j} is
+# computed once: forward a·aᵀ and b·bᵀ over half the tiles (1 product); backward recomputes them
+# (1) and applies the coefficients of G and Gᵀ to the two feature sets (2) (docs/math.md §3-4).
 PRODUCTS = {"fwd": 1, "bwd": 3, "fwdbwd": 4}
+# The GPU backends sweep every tile (both triangles): forward 2, backward 4 (recompute 2, apply
+# 2). Their floor counts what they multiply, so that it reads as the fraction of the GEMM rate
+# their own products reach.
+FULL_SWEEP_PROVIDERS = ("triton", "cuda")
+FULL_SWEEP_PRODUCTS = {"fwd": 2, "bwd": 4, "fwdbwd": 6}
 
 # Dense (2N)^2 buffers the eager reference holds at its peak in forward+backward: measured
 # ~6.1 on the CPU in float32 (~5.1 under torch.compile). Rounded up so a skip errs on the side
@@ -87,20 +91,30 @@ def make_inputs(n: int, d: int, k: int, dtype: torch.dtype, device: torch.device
 # recomputes the logits and applies the coefficients to the rows once more for them (2).
 BANK_PRODUCTS = {"ntxent": {"fwd": 2, "bwd": 0, "fwdbwd": 2},
                  "icl-msr": {"fwd": 2, "bwd": 2, "fwdbwd": 4}}
+# The GPU backends' forward computes the logits only (1); their backward recomputes and applies
+# them for the rows (2) and, for ICL-MSR, once more for the columns (2).
+FULL_SWEEP_BANK_PRODUCTS = {"ntxent": {"fwd": 1, "bwd": 2, "fwdbwd": 3},
+                            "icl-msr": {"fwd": 1, "bwd": 4, "fwdbwd": 5}}
 
 
-def fused_flops(n: int, d: int, phase: str, loss: str = "icl-msr", bank: int = 0) -> float:
-    """FLOPs (2 per multiply-add) the fused algorithm must do at per-view N for `phase`.
+def fused_flops(n: int, d: int, phase: str, loss: str = "icl-msr", bank: int = 0,
+                provider: str = "cpp") -> float:
+    """FLOPs (2 per multiply-add) of the fused algorithm at per-view N for `phase`: what
+    `provider` multiplies for the GPU backends (FULL_SWEEP_*), else the least a fused kernel
+    must do (cpp's; for the eager and compiled references, the yardstick of what fusing gains).
 
-    In-batch: the symmetric model of PRODUCTS over (2N)² logits (the ICL-MSR features are
-    [x, √γ c], twice as wide, in one product; NT-Xent's are x). With a bank: per term
-    (NT-Xent one, ICL-MSR two: a·a' and b·b') BANK_PRODUCTS products of N × Q × D.
+    In-batch: products over (2N)² logits (the ICL-MSR features are [x, √γ c], twice as wide, in
+    one product; NT-Xent's are x). With a bank: per term (NT-Xent one, ICL-MSR two: a·a' and
+    b·b') products of N × Q × D.
     """
+    full_sweep = provider in FULL_SWEEP_PROVIDERS
     if bank:
         terms = 1 if loss == "ntxent" else 2
-        return BANK_PRODUCTS[loss][phase] * terms * 2.0 * n * bank * d
+        model = (FULL_SWEEP_BANK_PRODUCTS if full_sweep else BANK_PRODUCTS)[loss]
+        return model[phase] * terms * 2.0 * n * bank * d
     rows = 2 * n
-    return PRODUCTS[phase] * 2.0 * rows * rows * d
+    model = FULL_SWEEP_PRODUCTS if full_sweep else PRODUCTS
+    return model[phase] * 2.0 * rows * rows * d
 
 
 def dense_bytes_estimate(n: int, dtype: torch.dtype, bank: int = 0) -> float:

@@ -6,7 +6,8 @@ import csv
 from collections import defaultdict
 from pathlib import Path
 
-from .problem import BANK_PRODUCTS, PRODUCTS
+from .problem import (BANK_PRODUCTS, FULL_SWEEP_BANK_PRODUCTS, FULL_SWEEP_PRODUCTS,
+                      FULL_SWEEP_PROVIDERS, PRODUCTS)
 from .providers import COMPILED, EAGER, LIGHTLY, by_name
 from .record import CSV_FIELDS, Record
 
@@ -148,10 +149,13 @@ def write_markdown(records: list[Record], meta: list[str], path: Path) -> str:
 
 def method_notes(d: int, k: int, loss: str = "icl-msr", bank: int = 0) -> list[str]:
     """What the numbers mean, for the head of results.md."""
-    products = ", ".join(f"{phase} {count}" for phase, count in PRODUCTS.items())
-    bank_products = "; ".join(f"{name}: " + ", ".join(f"{phase} {count}"
-                                                       for phase, count in model.items())
-                              for name, model in BANK_PRODUCTS.items())
+    def counts(model):
+        return ", ".join(f"{phase} {count}" for phase, count in model.items())
+
+    def bank_counts(models):
+        return "; ".join(f"{name}: {counts(model)}" for name, model in models.items())
+
+    full_sweep = " and ".join(FULL_SWEEP_PROVIDERS)
     what = ("the default ICL-MSR options" if loss == "icl-msr" else "plain NT-Xent, τ = 0.07")
     problem = (f"Problem: per-view N anchors against a memory bank of Q={bank} negatives, D={d}, "
                f"K={k}, {what}." if bank else
@@ -163,10 +167,11 @@ def method_notes(d: int, k: int, loss: str = "icl-msr", bank: int = 0) -> list[s
         "'first call' is the first forward+backward, compilation included.",
         "Peak: memory above the inputs during one forward+backward after warm-up (CPU: VmHWM "
         "of a fresh process per point, reset before the step; CUDA: max_memory_allocated).",
-        f"Floor: (FLOPs a fused kernel must do / GEMM rate) / time; FLOPs = products × 2·(2N)²·D "
-        f"with products {products} in-batch, or terms × products × 2·N·Q·D with products "
-        f"{bank_products} with a bank (terms: 1 for NT-Xent, 2 for ICL-MSR); shown for fused "
-        f"backends.",
+        f"Floor: (FLOPs / GEMM rate) / time; FLOPs = products × 2·(2N)²·D in-batch, or "
+        f"terms × products × 2·N·Q·D with a bank (terms: 1 for NT-Xent, 2 for ICL-MSR). "
+        f"Products: what {full_sweep} multiply (every tile: {counts(FULL_SWEEP_PRODUCTS)}; bank "
+        f"{bank_counts(FULL_SWEEP_BANK_PRODUCTS)}), else the least a fused kernel must do, cpp's "
+        f"({counts(PRODUCTS)}; bank {bank_counts(BANK_PRODUCTS)}); shown for fused backends.",
     ]
 
 

@@ -262,7 +262,7 @@ class OpKernels:
         self.name = name
         self.namespace = namespace
         self.pair_block_rows = pair_block_rows
-        # Whether this backend's device has the contrastive_rows ops (the constant-bank mode).
+        # Whether this backend's device has the contrastive_rows ops (the memory-bank mode).
         self.rows_forward = rows_forward
 
     def _ops(self):

@@ -84,17 +84,19 @@ def make_inputs(n: int, d: int, k: int, dtype: torch.dtype, device: torch.device
     return inputs
 
 
-# Memory-bank mode, N anchors against Q columns, products of N × Q × D per term. A forward that
-# will be differentiated computes the logits and applies their softmax weights to the bank rows
-# in one sweep, the rows' gradients (2). NT-Xent's bank is a constant, which leaves the backward
-# a scaling (0); ICL-MSR's bank columns get gradients through the prototypes, and the backward
-# recomputes the logits and applies the coefficients to the rows once more for them (2).
+# Memory-bank mode, N anchors against Q columns: products of N × Q × D in all, for NT-Xent and
+# for ICL-MSR in its default "concat" mode (logits a·a' and a·a' + b·b'). A forward that will be
+# differentiated computes the logits (NT-Xent 1, ICL-MSR 2) and applies their softmax weights to
+# the bank rows in the same sweep, the rows' gradients (1; ICL-MSR 3: both terms over a, the
+# second over b). NT-Xent's bank is a constant, which leaves the backward a scaling; ICL-MSR's
+# bank columns get gradients through the prototypes, and the backward recomputes the logits (2)
+# and applies the coefficients to the a and b rows (2).
 BANK_PRODUCTS = {"ntxent": {"fwd": 2, "bwd": 0, "fwdbwd": 2},
-                 "icl-msr": {"fwd": 2, "bwd": 2, "fwdbwd": 4}}
-# The GPU backends' forward computes the logits only (1); their backward recomputes and applies
-# them for the rows (2) and, for ICL-MSR, once more for the columns (2).
+                 "icl-msr": {"fwd": 5, "bwd": 4, "fwdbwd": 9}}
+# The GPU backends' forward computes the logits only; their backward recomputes and applies them
+# for the rows and, for ICL-MSR, once more for the columns.
 FULL_SWEEP_BANK_PRODUCTS = {"ntxent": {"fwd": 1, "bwd": 2, "fwdbwd": 3},
-                            "icl-msr": {"fwd": 1, "bwd": 4, "fwdbwd": 5}}
+                            "icl-msr": {"fwd": 2, "bwd": 8, "fwdbwd": 10}}
 
 
 def fused_flops(n: int, d: int, phase: str, loss: str = "icl-msr", bank: int = 0,
@@ -104,14 +106,12 @@ def fused_flops(n: int, d: int, phase: str, loss: str = "icl-msr", bank: int = 0
     must do (cpp's; for the eager and compiled references, the yardstick of what fusing gains).
 
     In-batch: products over (2N)² logits (the ICL-MSR features are [x, √γ c], twice as wide, in
-    one product; NT-Xent's are x). With a bank: per term (NT-Xent one, ICL-MSR two: a·a' and
-    b·b') products of N × Q × D.
+    one product; NT-Xent's are x). With a bank: products of N × Q × D.
     """
     full_sweep = provider in FULL_SWEEP_PROVIDERS
     if bank:
-        terms = 1 if loss == "ntxent" else 2
         model = (FULL_SWEEP_BANK_PRODUCTS if full_sweep else BANK_PRODUCTS)[loss]
-        return model[phase] * terms * 2.0 * n * bank * d
+        return model[phase] * 2.0 * n * bank * d
     rows = 2 * n
     model = FULL_SWEEP_PRODUCTS if full_sweep else PRODUCTS
     return model[phase] * 2.0 * rows * rows * d

@@ -168,7 +168,7 @@ def method_notes(d: int, k: int, loss: str = "icl-msr", bank: int = 0) -> list[s
         "Peak: memory above the inputs during one forward+backward after warm-up (CPU: VmHWM "
         "of a fresh process per point, reset before the step; CUDA: max_memory_allocated).",
         f"Floor: (FLOPs / GEMM rate) / time; FLOPs = products × 2·(2N)²·D in-batch, or "
-        f"terms × products × 2·N·Q·D with a bank (terms: 1 for NT-Xent, 2 for ICL-MSR). "
+        f"products × 2·N·Q·D with a bank (ICL-MSR in its default \"concat\" mode). "
         f"Products: what {full_sweep} multiply (every tile: {counts(FULL_SWEEP_PRODUCTS)}; bank "
         f"{bank_counts(FULL_SWEEP_BANK_PRODUCTS)}), else the least a fused kernel must do, cpp's "
         f"({counts(PRODUCTS)}; bank {bank_counts(BANK_PRODUCTS)}); shown for fused backends.",

@@ -325,6 +325,10 @@ class LogitBounds {
     return mode_ == kCombineConcat ? base + second : second;
   }
 
+  // The largest a and b feature norm over all the columns.
+  T max_a_col() const { return *std::max_element(a_cols_.begin(), a_cols_.end()); }
+  T max_b_col() const { return *std::max_element(b_cols_.begin(), b_cols_.end()); }
+
  private:
   Combine mode_;
   std::vector<T> a_, b_, a_cols_, b_cols_;
@@ -592,17 +596,18 @@ struct RowGradients {
   }
 };
 
-// ref (2 x rows): the bound of each row's logits per term (see above).
+// ref (2 x rows): the bound of each row's logits per term (see above), with the column norms
+// the tile bounds already hold.
 template <typename T>
-std::vector<T> row_references(const Contrastive& p) {
-  const Blocks each_row(p.rows, p.rows), all_cols(p.cols, 1);
+std::vector<T> row_references(const Contrastive& p, const LogitBounds<T>& bounds) {
+  const Blocks each_row(p.rows, p.rows);
   const std::vector<T> a = max_row_norms<T>(p.a, each_row);
-  const T a_cols = max_row_norms<T>(p.a_cols, all_cols)[0];
+  const T a_cols = bounds.max_a_col();
   std::vector<T> ref(2 * p.rows, T(0));
   for (int64_t r = 0; r < p.rows; ++r) ref[r] = a[r] * a_cols;
   if (!p.has_int()) return ref;
   const std::vector<T> b = max_row_norms<T>(p.b, each_row);
-  const T b_cols = max_row_norms<T>(p.b_cols, all_cols)[0];
+  const T b_cols = bounds.max_b_col();
   for (int64_t r = 0; r < p.rows; ++r) {
     const T second = b[r] * b_cols;
     ref[p.rows + r] = p.mode == kCombineConcat ? ref[r] + second : second;
@@ -679,7 +684,7 @@ template <typename T>
 void rows_forward_impl(const Contrastive& p, T* losses, T* row_lse, RowGradients& grads) {
   const TileSchedule schedule(p, Sweep::kRows);
   const LogitBounds<T> bounds(p, schedule);
-  const std::vector<T> ref = row_references<T>(p);
+  const std::vector<T> ref = row_references<T>(p, bounds);
   RowStats<T> stats(p);
   const int64_t rmax = schedule.row_blocks.max_size(), cmax = schedule.col_blocks.max_size();
   ThreadScratch scratch(tile_scratch_elems(rmax, cmax), p.a.scalar_type());

@@ -5,8 +5,9 @@ namespace (schemas in csrc/ops.cpp) with CPU kernels (csrc/cpu) and, when built 
 kernels (csrc/cuda). This module loads it and registers, once and for every device, the Python
 halves of the ops (`kernels.ops`: fake tensors, autograd), so that ``torch.compile(
 fullgraph=True)`` traces through them; csrc/ops.cpp names this module as the ops' Python module,
-so that where only the library is loaded, torch's error says which module to import for them. The dispatcher picks the device kernel, so the "cpp" and "cuda" backends are
-one `OpKernels` under two names.
+so that where only the library is loaded, torch's error says which module to import for them.
+The dispatcher picks the device kernel, so the "cpp" and "cuda" backends are one `OpKernels`
+under two names.
 """
 
 from __future__ import annotations

@@ -194,9 +194,10 @@ def main() -> None:
         for loop in mma_loops(code[name]):
             ratio = loop.memory / loop.mma
             what = "static, holds inner loops" if loop.nested else "one iteration"
+            memory = ", ".join(f"{op} {n}" for op, n in sorted(loop.counts.items())
+                               if op in MEMORY)
             print(f"  loop 0x{loop.start:x}-0x{loop.end:x} ({what}): {loop.memory} memory "
-                  f"instructions ({', '.join(f'{op} {n}' for op, n in sorted(loop.counts.items()) if op in MEMORY)}) "
-                  f"for {loop.mma} MMA: {ratio:.2f}:1")
+                  f"instructions ({memory}) for {loop.mma} MMA: {ratio:.2f}:1")
 
 
 if __name__ == "__main__":

@@ -46,10 +46,13 @@ class Spec:
     bank_sizes: tuple[int, ...] = (37, 1)
     namespace: str | None = None
     slow: bool = False  # the Triton interpreter: the heavier cases run a subset of the pairs
+    # A Triton single-process sweep (`triton_common.set_sweep`) the entry runs under; such an
+    # entry skips the cases that never take it (memory banks, pair kernels).
+    sweep: str | None = None
 
     @property
     def id(self) -> str:
-        return f"{self.name}-{self.device}"
+        return "-".join(filter(None, (self.name, self.sweep, self.device)))
 
     def pairs(self):
         """The (prior_mode, combine) pairs of the heavier cases: all four, or on a slow backend
@@ -78,6 +81,11 @@ _SPECS = (
     Spec("triton", "cpu", _INTERPRETER, tile_shapes=((9, 37, 19), (5, 270, 3), (40, 8, 3)),
          bank_sizes=(37, 1),
          namespace="icl_msr_triton", slow=True),
+    # The symmetric sweep, 32-row blocks in 16-column pieces: 2N = 18 is one partial block,
+    # 2N = 100 four blocks in two segments of distances (several programs add to every block,
+    # unmasked tiles among them); D = 270 would fall back.
+    Spec("triton", "cpu", _INTERPRETER, tile_shapes=((9, 37, 19), (50, 8, 3)),
+         namespace="icl_msr_triton", slow=True, sweep="symmetric"),
     # CUDA kernels: 64-wide tiles, 32-wide D chunks. Triton: the whole of D in the contrastive
     # backward at D = 150 (a BLOCK_D of 256, the wide tiles), chunks at D = 300.
     Spec("cuda", "cuda", _ALL, tile_shapes=((70, 150, 70),), bank_sizes=(37, 1037, 1),
@@ -121,13 +129,14 @@ SPECS = [spec for spec in _SPECS if _runs_here(spec)]
 BACKENDS = [pytest.param(spec, id=spec.id, marks=_marks(spec)) for spec in SPECS]
 
 
-def backend_dtypes(dtypes=_ALL, *, extra=None, ops_only=False):
+def backend_dtypes(dtypes=_ALL, *, extra=None, ops_only=False, sweeps=True):
     """Parameters (spec, dtype) for every backend and every dtype of `dtypes` it supports here;
     `extra(spec)` may add dtypes for a backend (e.g. bfloat16 on a GPU only); ops_only: only
-    the backends with torch ops."""
+    the backends with torch ops; sweeps=False: not the entries of a single-process sweep (for
+    cases that never take it)."""
     params = []
     for spec in SPECS:
-        if ops_only and spec.namespace is None:
+        if (ops_only and spec.namespace is None) or (spec.sweep and not sweeps):
             continue
         wanted = list(dtypes) + (list(extra(spec)) if extra else [])
         for dtype in _ALL:

@@ -223,6 +223,112 @@ def test_fp32_precision_option():
     assert abs(parts[0].item() - ref_parts[0].item()) <= 1e-2 * abs(ref_parts[0].item())
 
 
+@pytest.fixture
+def symmetric_sweep():
+    """Run with the symmetric single-process sweep, and count its forward and backward calls."""
+    from icl_msr_kernels.kernels import triton_common, triton_symmetric
+
+    calls = []
+    forward, backward = triton_symmetric.forward, triton_symmetric.backward
+
+    def counted(name, fn):
+        def call(*args):
+            calls.append(name)
+            return fn(*args)
+        return call
+
+    triton_common.set_sweep("symmetric")
+    triton_symmetric.forward = counted("forward", forward)
+    triton_symmetric.backward = counted("backward", backward)
+    try:
+        yield calls
+    finally:
+        triton_symmetric.forward, triton_symmetric.backward = forward, backward
+        triton_common.set_sweep("full")
+
+
+def _far_rows(n=24, d=16, dtype=torch.float64):
+    """Views aligned with one axis, but for two rows orthogonal to every other row and to their
+    positives: at tau = 0.005 their logits lie ~200 below the tiles' maxima."""
+    gen = torch.Generator().manual_seed(0)
+    axis = torch.eye(d, dtype=dtype)
+    z1 = axis[0] + 0.05 * torch.randn(n, d, generator=gen, dtype=dtype)
+    z2 = axis[0] + 0.05 * torch.randn(n, d, generator=gen, dtype=dtype)
+    for r in (3, 20):
+        z1[r], z2[r] = axis[1 + r % 3], axis[4 + r % 5]
+    return z1, z2
+
+
+@interp
+def test_symmetric_sweep_rows_far_below_the_tile_maximum(symmetric_sweep):
+    """One exponential a tile entry serves its row and column, shifted by the tile's maximum;
+    rows and columns far below it (their sums would underflow in float32) take their own
+    shifts. Without that their negatives vanish (the loss is off by ~20%)."""
+    z1, z2 = _far_rows()
+    masters = [t.requires_grad_(True) for t in (z1, z2)]
+    ours = [t.detach().float().requires_grad_(True) for t in (z1, z2)]
+    parts, grads = [], []
+    for (a, b), backend in ((ours, "triton"), (masters, "reference")):
+        loss = ntxent_loss(a, b, temperature=0.005, backend=backend)
+        parts.append([loss.detach()])
+        grads.append(dict(zip(("z1", "z2"), torch.autograd.grad(loss, (a, b)))))
+    assert symmetric_sweep == ["forward", "backward"]
+    loss_tol, grad_tol = TOLERANCES[torch.float32]
+    loss_err, grad_err = relative_errors(parts[0], grads[0], parts[1], grads[1])
+    assert loss_err <= loss_tol, loss_err
+    assert max(grad_err.values()) <= grad_tol, grad_err
+
+
+@interp
+def test_symmetric_sweep_takes_only_single_process_whole_rows(symmetric_sweep):
+    """Columns (distributed), memory banks and D past the whole-row width take the full sweep."""
+    kernels = load_backend("triton")
+    a = torch.randn(40, 8)
+    kernels.contrastive(a, None, None, None, 0, "none")
+    assert symmetric_sweep == ["forward"]
+    symmetric_sweep.clear()
+    kernels.contrastive(a, None, torch.randn(60, 8), None, 20, "none")
+    kernels.contrastive(a, None, torch.randn(60, 8), None, 0, "none",
+                        torch.randn(2, 40))
+    kernels.contrastive(torch.randn(6, 300), None, None, None, 0, "none")
+    assert symmetric_sweep == []
+
+
+@interp
+def test_symmetric_sweep_segments_add_in_a_fixed_order(symmetric_sweep):
+    """2N = 200: seven row blocks, four segments of distances; each column block's buffer
+    takes up to six programs' additions, each row block's up to four. The same inputs give
+    bit-identical results, and they match the full sweep to rounding."""
+    from icl_msr_kernels.kernels import triton_common
+
+    gen = torch.Generator().manual_seed(4)
+    a, b = (rownorm(torch.randn(200, 8, generator=gen)) * 3 for _ in range(2))
+    kernels = load_backend("triton")
+
+    def run():
+        a_in, b_in = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
+        base, inter = kernels.contrastive(a_in, b_in, None, None, 0, "concat")
+        grads = torch.autograd.grad(base + 0.7 * inter, (a_in, b_in))
+        return [base.detach(), inter.detach(), *grads]
+
+    first, second = run(), run()
+    assert symmetric_sweep.count("backward") == 2
+    for x, y in zip(first, second):
+        assert torch.equal(x, y)
+    triton_common.set_sweep("full")
+    for x, y in zip(first, run()):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
+@needs_triton
+def test_sweep_option_is_checked():
+    from icl_msr_kernels.kernels import triton_common
+
+    with pytest.raises(ValueError, match="sweep must be one of 'full', 'symmetric'"):
+        triton_common.set_sweep("pairs")
+    assert triton_common.get_sweep() == "full"
+
+
 @interp
 def test_odd_row_count_rejected():
     kernels = load_backend("triton")
@@ -287,8 +393,11 @@ def _compile_for(kernel, arch: int, dtype: str, consts: dict, config):
         elif name == "lp_ptr":
             signature[name] = "*" + (accum if dtype in ("fp32", "fp64") else "fp32")
         elif name in ("lse_ptr", "pos_ptr", "delta_ptr", "grad_ptr", "dp_ptr", "dlp_ptr",
-                      "inv_tau_ptr"):
+                      "inv_tau_ptr", "cmax_ptr", "csum_ptr", "cpos_ptr", "col_a_ptr",
+                      "col_b_ptr", "row_a_ptr", "row_b_ptr"):
             signature[name] = "*" + accum
+        elif name == "counters_ptr":
+            signature[name] = "*i32"
         elif name.endswith("_ptr"):
             signature[name] = "*" + dtype
         else:
@@ -345,6 +454,12 @@ def test_kernels_compile_for_gpu(arch, dtype, precision, smem):
         config = kernel.default_config(fma, consts["BLOCK_D"])
         compiled = _compile_for(kernel, arch, dtype, {**common, **consts}, config)
         assert compiled.metadata.shared <= smem, (kernel.fn.__name__, compiled.metadata.shared)
+    if dtype != "fp32":  # the symmetric sweep takes 2-byte operands only
+        for kernel, config in _symmetric_configs():
+            compiled = _compile_for(kernel, arch, dtype, dict(FP64=False, PREC=precision,
+                                                              INT_MODE=1, BLOCK_D=128), config)
+            assert compiled.metadata.shared <= smem, (kernel.fn.__name__,
+                                                      compiled.metadata.shared)
 
 
 def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
@@ -389,6 +504,7 @@ def test_shipped_configs_do_not_spill(dtype, every_config):
         pytest.skip(f"this Triton has no ahead-of-time compile API ({err})")
     from icl_msr_kernels.kernels import triton_attention as attention
     from icl_msr_kernels.kernels import triton_contrastive as contrastive
+    from icl_msr_kernels.kernels import triton_symmetric as symmetric
     from icl_msr_kernels.kernels.triton_common import d_blocking, uses_fma, whole_d_blocking
 
     torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
@@ -417,7 +533,35 @@ def test_shipped_configs_do_not_spill(dtype, every_config):
             if spilled:
                 spilling.append(f"{kernel.fn.__name__} {config}: {registers} registers, "
                                 f"{spilled} spill bytes")
+    if symmetric.supports(torch_dtype, "ieee", 128):
+        # The symmetric sweep's one configuration, in both modes with two terms ("add" holds
+        # other tiles live than "concat").
+        for kernel, config in _symmetric_configs():
+            for mode in (1, 2) if every_config else (1,):
+                consts = dict(FP64=False, PREC="ieee", INT_MODE=mode, BLOCK_D=128)
+                compiled = _compile_for(kernel, 90, dtype, consts, config)
+                registers, spilled = _ptxas_usage(compiled.asm["ptx"], 90)
+                if spilled:
+                    spilling.append(f"{kernel.fn.__name__} mode {mode} {config}: {registers} "
+                                    f"registers, {spilled} spill bytes")
     assert not spilling, "\n".join(spilling)
+
+
+def _symmetric_configs():
+    """(kernel, triton.Config) of the symmetric sweep's two kernels, as `_compile_for` takes
+    them (a TunedKernel-like object with `fn`)."""
+    import types
+
+    import triton
+
+    from icl_msr_kernels.kernels import triton_symmetric as symmetric
+
+    block, block_n, fwd_warps, bwd_warps, stages = symmetric.config()
+    return [(types.SimpleNamespace(fn=symmetric._symmetric_fwd_kernel),
+             triton.Config({"BLOCK": block}, num_warps=fwd_warps, num_stages=stages)),
+            (types.SimpleNamespace(fn=symmetric._symmetric_bwd_kernel),
+             triton.Config({"BLOCK": block, "BLOCK_N": block_n}, num_warps=bwd_warps,
+                           num_stages=stages))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -489,6 +633,51 @@ def test_cuda_deterministic(dtype):
         assert torch.equal(x, y)
     for name in first[1]:
         assert torch.equal(first[1][name], second[1][name]), name
+
+
+@cuda
+@pytest.mark.usefixtures("default_tiles")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("prior_mode,combine", PAIRS)
+def test_cuda_symmetric_sweep_matches_reference(symmetric_sweep, dtype, prior_mode, combine):
+    # 2N = 600: 19 row blocks, the last partial; D = 64. (The symmetric sweep takes 2-byte
+    # features on the GPU; the interpreter suite runs it in float64 and float32.)
+    assert_matches_reference(make_inputs(n=300, d=64, k=9, seed=9, device="cuda"), "triton",
+                             dtype, prior_mode=prior_mode, combine=combine)
+    assert symmetric_sweep.count("backward") == 1
+
+
+@cuda
+@pytest.mark.usefixtures("default_tiles")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=lambda d: str(d)[6:])
+def test_cuda_symmetric_sweep_many_programs(symmetric_sweep, dtype):
+    """2N = 16384: 512 row blocks, thousands of programs in flight, each column block's buffer
+    added to by up to 511 of them under its turn counter. Bit-identical run to run, and as close
+    to the float64 reference as the full sweep."""
+    from icl_msr_kernels.kernels import triton_common
+
+    gen = torch.Generator().manual_seed(8)
+    a64, b64 = (rownorm(torch.randn(16384, 128, generator=gen, dtype=torch.float64)) / 0.3
+                for _ in range(2))
+    kernels = load_backend("triton")
+
+    def run(a_master, b_master, backend_kernels, dt):
+        a_in = a_master.to("cuda", dt).requires_grad_(True)
+        b_in = b_master.to("cuda", dt).requires_grad_(True)
+        base, inter = backend_kernels.contrastive(a_in, b_in, None, None, 0, "concat")
+        grads = torch.autograd.grad(base + 0.7 * inter, (a_in, b_in))
+        return [t.detach().double().cpu() for t in (base, inter, *grads)]
+
+    first, second = run(a64, b64, kernels, dtype), run(a64, b64, kernels, dtype)
+    assert symmetric_sweep.count("backward") == 2
+    for x, y in zip(first, second):
+        assert torch.equal(x, y)
+    truth = run(a64, b64, load_backend("reference"), torch.float64)
+    triton_common.set_sweep("full")
+    full = run(a64, b64, kernels, dtype)
+    for got, other, want in zip(first, full, truth):
+        scale = want.abs().max().clamp_min(1.0)
+        assert (got - want).abs().max() / scale <= 2 * (other - want).abs().max() / scale + 1e-3
 
 
 @cuda

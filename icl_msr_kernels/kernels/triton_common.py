@@ -24,9 +24,12 @@ Options (read at every call, so they may be changed at run time):
 - ``ICL_MSR_TRITON_AUTOTUNE=0`` / `set_autotune(False)`: skip autotuning and run every kernel
   with its default tiles (quicker start: autotuning compiles and times every configuration
   once per kernel variant and problem size).
+- ``ICL_MSR_TRITON_SWEEP`` / `set_sweep`: how a single-process contrastive problem is swept,
+  "full" (default) or "symmetric" (see there).
 
-Every kernel writes each output element from exactly one program and never uses atomics, so
-results are bit-identical run to run for a given tile configuration (docs/math.md §4). Autotuning
+Every kernel writes each output element from exactly one program and uses no atomics on data
+(the symmetric sweep adds to shared buffers in an order fixed by turn counters), so results are
+bit-identical run to run for a given tile configuration (docs/math.md §4). Autotuning
 picks a configuration per process by timing; ICL_MSR_TRITON_AUTOTUNE=0 also makes results
 identical across processes.
 """
@@ -67,6 +70,8 @@ _MIN_BLOCK = 16
 _FP32_PRECISIONS = ("ieee", "tf32x3", "tf32")
 _fp32_precision = os.environ.get("ICL_MSR_TRITON_FP32_PRECISION", "ieee")
 _autotune = os.environ.get("ICL_MSR_TRITON_AUTOTUNE", "1") != "0"
+_SWEEPS = ("full", "symmetric")
+_sweep = os.environ.get("ICL_MSR_TRITON_SWEEP", "full")
 
 
 @triton.jit
@@ -139,6 +144,32 @@ def set_autotune(enabled: bool) -> None:
     """Autotune tile shapes on first use (True, the default) or use each kernel's default."""
     global _autotune
     _autotune = bool(enabled)
+
+
+def set_sweep(sweep: str) -> None:
+    """Choose how the single-process contrastive kernels sweep the (2N)² logits.
+
+    "full" (the default): every row block sweeps every column block, both triangles, with no
+    communication between programs. "symmetric": each unordered pair of row blocks is computed
+    once and serves both (half the products and exponentials), the programs adding their column
+    sides to shared buffers in a fixed order under turn counters (`triton_symmetric`); it takes
+    whole feature rows (D up to 256 for 2-byte and float32 "ieee" operands) and falls back to
+    "full" otherwise. Distributed columns and memory banks always take "full". Results are
+    deterministic either way; "symmetric" is not the default until a GPU measurement says it is
+    the faster. Under torch.compile the value at tracing time is the one compiled in.
+    """
+    global _sweep
+    if sweep not in _SWEEPS:
+        raise ValueError(f"sweep must be one of {', '.join(map(repr, _SWEEPS))}, got {sweep!r}")
+    _sweep = sweep
+
+
+def get_sweep() -> str:
+    """The current single-process sweep (see `set_sweep`)."""
+    if _sweep not in _SWEEPS:  # a bad environment variable
+        raise ValueError(f"ICL_MSR_TRITON_SWEEP must be one of {', '.join(_SWEEPS)}, got "
+                         f"{_sweep!r}")
+    return _sweep
 
 
 def dot_precision(dtype: torch.dtype) -> str:

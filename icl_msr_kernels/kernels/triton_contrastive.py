@@ -46,8 +46,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .triton_common import (TunedKernel, acc_dtype, check_inputs, define_op, dot_nt,
-                            dot_precision, load_tile, on_device_of, segment_length, store_tile,
-                            uses_fma, whole_d_blocking)
+                            dot_precision, get_sweep, load_tile, on_device_of, segment_length,
+                            store_tile, uses_fma, whole_d_blocking)
 
 
 @triton.jit
@@ -345,6 +345,12 @@ def _check_args(a, b, a_cols, positive_logits, combine):
                          "negatives)")
 
 
+def _symmetric_sweep(a: Tensor, a_cols: Optional[Tensor], precision: str) -> bool:
+    """Whether the single-process problem on `a` takes the symmetric sweep (`set_sweep`)."""
+    return (a_cols is None and get_sweep() == "symmetric"
+            and triton_symmetric.supports(a.dtype, precision, a.shape[1]))
+
+
 @define_op("contrastive_forward")
 def contrastive_forward(a: Tensor, b: Optional[Tensor], a_cols: Optional[Tensor],
                         b_cols: Optional[Tensor], positive_logits: Optional[Tensor],
@@ -353,6 +359,7 @@ def contrastive_forward(a: Tensor, b: Optional[Tensor], a_cols: Optional[Tensor]
     (the second row unused for "none")."""
     _check_args(a, b, a_cols, positive_logits, combine)
     precision = dot_precision(a.dtype)
+    symmetric = _symmetric_sweep(a, a_cols, precision)
     if a_cols is None:
         a_cols, b_cols = a, b
     mode = _COMBINE_CODES[combine]
@@ -363,19 +370,24 @@ def contrastive_forward(a: Tensor, b: Optional[Tensor], a_cols: Optional[Tensor]
     (B, D), M = a.shape, a_cols.shape[0]
     acc = acc_dtype(a.dtype)
     block_d, n_chunks = whole_d_blocking(D, False, a.dtype, precision)
-    segment_cols = segment_length(B, 1, M)
-    segments = triton.cdiv(M, segment_cols)
-    lse_parts = a.new_empty(terms, segments, B, dtype=acc)
-    pos_parts = torch.empty_like(lse_parts)
-    with on_device_of(a):
-        _fwd.launch(lambda meta: (triton.cdiv(B, meta["BLOCK_M"]), segments), a, b, a_cols,
-                    b_cols, lse_parts, pos_parts, B, M, D, row_offset, segment_cols,
-                    fma=uses_fma(a.dtype, precision), INT_MODE=mode,
-                    EXPLICIT_POS=positive_logits is not None, FP64=a.dtype == torch.float64,
-                    PREC=precision, BLOCK_D=block_d, ONE_D=n_chunks == 1)
-    negatives_lse = torch.logsumexp(lse_parts, dim=1)  # (terms, B)
-    pos = (pos_parts.sum(dim=1) if positive_logits is None
-           else positive_logits[:terms].to(acc))
+    if symmetric:
+        with on_device_of(a):
+            negatives_lse, pos = triton_symmetric.forward(a, b, mode, precision, block_d)
+    else:
+        segment_cols = segment_length(B, 1, M)
+        segments = triton.cdiv(M, segment_cols)
+        lse_parts = a.new_empty(terms, segments, B, dtype=acc)
+        pos_parts = torch.empty_like(lse_parts)
+        with on_device_of(a):
+            _fwd.launch(lambda meta: (triton.cdiv(B, meta["BLOCK_M"]), segments), a, b, a_cols,
+                        b_cols, lse_parts, pos_parts, B, M, D, row_offset, segment_cols,
+                        fma=uses_fma(a.dtype, precision), INT_MODE=mode,
+                        EXPLICIT_POS=positive_logits is not None,
+                        FP64=a.dtype == torch.float64, PREC=precision, BLOCK_D=block_d,
+                        ONE_D=n_chunks == 1)
+        negatives_lse = torch.logsumexp(lse_parts, dim=1)  # (terms, B)
+        pos = (pos_parts.sum(dim=1) if positive_logits is None
+               else positive_logits[:terms].to(acc))
     # lse - pos = log(1 + exp(negatives_lse - pos)): >= 0, and exactly 0 without negatives.
     row_terms = torch.logaddexp(torch.zeros_like(pos), negatives_lse - pos)
     lse = pos + row_terms
@@ -424,8 +436,12 @@ def contrastive_backward(grad_losses: Tensor, a: Tensor, b: Optional[Tensor],
         return grads if mode else (grads[0], a.new_empty(0))
 
     with on_device_of(a):
-        if a_cols is None:  # single process: one symmetric sweep over the rows
-            # Absent gradients are distinct empty tensors: op outputs may not alias each other.
+        # Absent gradients are distinct empty tensors: op outputs may not alias each other.
+        if _symmetric_sweep(a, a_cols, precision):
+            grads = triton_symmetric.backward(grad_losses, a, b, row_lse, mode, precision,
+                                              block_d)
+            return [*grads, a.new_empty(0), a.new_empty(0)]
+        if a_cols is None:  # single process: every row's whole gradient in one sweep (G + Gᵀ)
             return [*sweep(a, b, a, b, True, True), a.new_empty(0), a.new_empty(0)]
         a_cols = a_cols.contiguous()
         b_cols = b_cols.contiguous() if mode else a_cols
@@ -434,3 +450,7 @@ def contrastive_backward(grad_losses: Tensor, a: Tensor, b: Optional[Tensor],
             return [da, db, a.new_empty(0), a.new_empty(0)]
         da_cols, db_cols = sweep(a_cols, b_cols, a, b, False, True)
     return [da, db, da_cols, db_cols]
+
+
+# The symmetric sweep builds on this module's tile helpers; imported last, once they exist.
+from . import triton_symmetric  # noqa: E402

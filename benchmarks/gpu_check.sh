@@ -2,7 +2,8 @@
 # GPU check, one run under 8 minutes on an H200 with torch preinstalled and no network:
 #   1. the build (in place, sm_90, CUDA kernels when nvcc is there);
 #   2. bfloat16 forward+backward time and peak memory at per-view N = 16384 and 65536 for
-#      triton, cuda, eager and compiled reference (skipped or OOM where they do not fit);
+#      triton (its full and its symmetric sweep), cuda, eager and compiled reference (skipped or
+#      OOM where they do not fit);
 #   3. the GPU tests of each backend in its own bounded phase, with fixed Triton tiles; the slow
 #      compile and autotune tests last;
 #   4. float32 figures.
@@ -24,17 +25,18 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # configuration of every kernel variant and size, minutes this check does not have.
 export ICL_MSR_TRITON_AUTOTUNE=0
 # Per-phase limits (seconds); with start-up they add up to under 8 minutes.
-BUILD_S="${BUILD_S:-120}"
-BF16_S="${BF16_S:-120}"
-TESTS_S="${TESTS_S:-45}"
-SLOW_S="${SLOW_S:-50}"
-FP32_S="${FP32_S:-45}"
+BUILD_S="${BUILD_S:-110}"
+BF16_S="${BF16_S:-140}"
+TESTS_S="${TESTS_S:-40}"
+TRITON_TESTS_S="${TRITON_TESTS_S:-60}"  # compiles the most kernel variants
+SLOW_S="${SLOW_S:-40}"
+FP32_S="${FP32_S:-40}"
 
 failed=()
 phase() { echo; echo "=== $1 ($(date +%T))"; }
-bench() {  # bench DTYPE SIZES LOGNAME
+bench() {  # bench DTYPE SIZES LOGNAME [PROVIDERS]
     "$PY" -m benchmarks --device cuda --sizes "$2" --dtypes "$1" --d 128 --k 64 --warmup 1 \
-        --repeats 3 --min-time 0.2 --providers triton,cuda,reference,reference-compiled \
+        --repeats 3 --min-time 0.2 --providers "${4:-triton,cuda,reference,reference-compiled}" \
         --out "$OUT/$3" 2>&1 | grep -v "^W[0-9]" | tee "$OUT/$3.log"
     return "${PIPESTATUS[0]}"
 }
@@ -61,7 +63,8 @@ fi
 "$PY" -c 'import icl_msr_kernels as m; print("backends:", m.backend_status())'
 
 phase "bfloat16 benchmark, N = 16384 and 65536 (timeout ${BF16_S}s)"
-timeout "$BF16_S" bash -c "$(declare -f bench); PY='$PY' OUT='$OUT' bench bfloat16 16384,65536 bf16" \
+timeout "$BF16_S" bash -c "$(declare -f bench); PY='$PY' OUT='$OUT' bench bfloat16 16384,65536 bf16 \
+    triton,triton-symmetric,cuda,reference,reference-compiled" \
     || { echo "BF16 BENCHMARK FAILED OR TIMED OUT; the table so far:"; cat "$OUT/bf16/results.md" 2>/dev/null; failed+=(bf16); }
 
 run_tests() {  # run_tests NAME TIMEOUT PYTEST-ARGS...
@@ -74,7 +77,7 @@ run_tests() {  # run_tests NAME TIMEOUT PYTEST-ARGS...
     elif [ "$status" -ne 0 ]; then echo "TESTS FAILED: $name (exit $status)"; failed+=("tests-$name"); fi
 }
 run_tests cuda "$TESTS_S" tests/test_cuda.py -m "cuda and not slow"
-run_tests triton "$TESTS_S" tests/test_triton.py -m "cuda and not slow"
+run_tests triton "$TRITON_TESTS_S" tests/test_triton.py -m "cuda and not slow"
 run_tests conformance "$TESTS_S" tests/test_conformance.py -m "cuda and not slow"
 run_tests slow "$SLOW_S" tests -m "cuda and slow"
 

@@ -28,6 +28,9 @@ PRODUCTS = {"fwd": 1, "bwd": 3, "fwdbwd": 4}
 # their own products reach.
 FULL_SWEEP_PROVIDERS = ("triton", "cuda")
 FULL_SWEEP_PRODUCTS = {"fwd": 2, "bwd": 4, "fwdbwd": 6}
+# Triton's symmetric sweep multiplies what cpp does (PRODUCTS) where it applies: a single
+# process, 2-byte features, D <= 128 (`triton_symmetric.supports`); elsewhere it is the full one.
+SYMMETRIC_PROVIDER = "triton-symmetric"
 
 # Dense (2N)^2 buffers the eager reference holds at its peak in forward+backward: measured
 # ~6.1 on the CPU in float32 (~5.1 under torch.compile). Rounded up so a skip errs on the side
@@ -99,16 +102,23 @@ FULL_SWEEP_BANK_PRODUCTS = {"ntxent": {"fwd": 1, "bwd": 2, "fwdbwd": 3},
                             "icl-msr": {"fwd": 2, "bwd": 8, "fwdbwd": 10}}
 
 
+def _full_sweep(provider: str, dtype: str | None, d: int, bank: int) -> bool:
+    if provider == SYMMETRIC_PROVIDER:
+        return bool(bank) or dtype not in ("float16", "bfloat16") or d > 128
+    return provider in FULL_SWEEP_PROVIDERS
+
+
 def fused_flops(n: int, d: int, phase: str, loss: str = "icl-msr", bank: int = 0,
-                provider: str = "cpp") -> float:
+                provider: str = "cpp", dtype: str | None = None) -> float:
     """FLOPs (2 per multiply-add) of the fused algorithm at per-view N for `phase`: what
-    `provider` multiplies for the GPU backends (FULL_SWEEP_*), else the least a fused kernel
-    must do (cpp's; for the eager and compiled references, the yardstick of what fusing gains).
+    `provider` multiplies for the GPU backends (FULL_SWEEP_*; the symmetric Triton sweep in
+    `dtype` where it applies), else the least a fused kernel must do (cpp's; for the eager and
+    compiled references, the yardstick of what fusing gains).
 
     In-batch: products over (2N)² logits (the ICL-MSR features are [x, √γ c], twice as wide, in
     one product; NT-Xent's are x). With a bank: products of N × Q × D.
     """
-    full_sweep = provider in FULL_SWEEP_PROVIDERS
+    full_sweep = _full_sweep(provider, dtype, d, bank)
     if bank:
         model = (FULL_SWEEP_BANK_PRODUCTS if full_sweep else BANK_PRODUCTS)[loss]
         return model[phase] * 2.0 * n * bank * d

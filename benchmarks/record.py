@@ -92,7 +92,8 @@ class Record:
         self.gemm_gflops = gemm_flops_per_s / 1e9
         for phase in ("fwd", "bwd", "fwdbwd"):
             ms = getattr(self, f"{phase}_ms")
-            flops = fused_flops(self.n, self.d, phase, self.loss, self.bank, self.provider)
+            flops = fused_flops(self.n, self.d, phase, self.loss, self.bank, self.provider,
+                                self.dtype)
             if ms and flops:  # a phase without products has no floor
                 setattr(self, f"floor_{phase}", flops / gemm_flops_per_s / (ms / 1e3))
 

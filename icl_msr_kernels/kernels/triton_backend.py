@@ -2,7 +2,9 @@
 
 The two heavy pieces live one per module, kernels and torch ops together: `triton_attention`
 (prototype attention, docs/math.md §2 steps 4-6) and `triton_contrastive` (both NT-Xent terms in
-one sweep, steps 7-8); `triton_common` holds what they share. They register the op surface of
+one sweep, steps 7-8; its optional single-process sweep over unordered block pairs is
+`triton_symmetric`, the distributed job's pair kernels `triton_pairs`); `triton_common` holds
+what they share. They register the op surface of
 `kernels.ops` in the icl_msr_triton namespace (`torch.library.triton_op`, so
 `torch.compile(fullgraph=True)` traces through them), deterministic, for float32/float16/bfloat16
 (and float64) inputs with float32 (float64) accumulation. They run on CUDA tensors, and on CPU

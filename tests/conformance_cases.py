@@ -81,10 +81,10 @@ _SPECS = (
     Spec("triton", "cpu", _INTERPRETER, tile_shapes=((9, 37, 19), (5, 270, 3), (40, 8, 3)),
          bank_sizes=(37, 1),
          namespace="icl_msr_triton", slow=True),
-    # The symmetric sweep, 32-row blocks in 16-column pieces: 2N = 18 is one partial block,
-    # 2N = 100 four blocks in two segments of distances (several programs add to every block,
-    # unmasked tiles among them); D = 270 would fall back.
-    Spec("triton", "cpu", _INTERPRETER, tile_shapes=((9, 37, 19), (50, 8, 3)),
+    # The symmetric sweep, 32-row blocks in 16-column pieces: 2N = 100 is four blocks, the last
+    # partial, in two segments of distances (several programs add to every block, unmasked
+    # tiles among them). Its float16 runs in the loss-scale case.
+    Spec("triton", "cpu", _INTERPRETER[:2], tile_shapes=((50, 8, 3),),
          namespace="icl_msr_triton", slow=True, sweep="symmetric"),
     # CUDA kernels: 64-wide tiles, 32-wide D chunks. Triton: the whole of D in the contrastive
     # backward at D = 150 (a BLOCK_D of 256, the wide tiles), chunks at D = 300.

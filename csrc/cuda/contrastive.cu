@@ -157,10 +157,12 @@ __device__ void store_tile_coefficients(const TileSmem<T>& sm, const BackwardRol
   }
 }
 
-// Backward: CTA (owned block, split) recomputes the logit tiles of its split, turns them into
-// gradient coefficients (tile_math.h's ntxent_grad_coef, without the 1/rows factor, which the
-// host applies to the summed slabs so that float16 coefficients keep their precision) and
-// accumulates coef · swept features into its rows of slab_a / slab_b (splits, n_own, dim).
+// Backward: CTA (owned block, split, feature group) recomputes the logit tiles of its split,
+// turns them into gradient coefficients (tile_math.h's ntxent_grad_coef, without the 1/rows
+// factor, which the host applies to the summed slabs so that float16 coefficients keep their
+// precision) and accumulates coef · swept features of its group (kGradChunks<T> * kTile features
+// from blockIdx.z times that; one group up to D = 256, 128 in float64) in registers over the
+// sweep, then writes them once to its rows of slab_a / slab_b (splits, n_own, dim).
 // grad_losses arrives divided by a power of two >= its largest entry (contrastive_backward), so
 // the coefficients stored in T are at most 2 (4 summed for "concat") in magnitude.
 template <typename T>
@@ -186,6 +188,10 @@ __global__ void __launch_bounds__(kThreads, 1) contrastive_backward_kernel(
   const bool rows_swept = sweep != Sweep::kRowsOwned;
   slab_a += split * n_own * dim_a;
   slab_b += split * n_own * dim_b;
+  const int64_t d0 = int64_t(blockIdx.z) * kGradChunks<T> * kTile;
+  RowGradient<T> grad_a, grad_b;
+  grad_a.zero();
+  grad_b.zero();
 
   const int p = tile_row();
   const int64_t own = own0 + p;
@@ -193,7 +199,7 @@ __global__ void __launch_bounds__(kThreads, 1) contrastive_backward_kernel(
 #pragma unroll
   for (int term = 0; term < 2; ++term)
     if (rows_owned && own < n_own && term < terms) own_lse[term] = row_lse[term * rows + own];
-  const A grad[2] = {grad_losses[0], combine == kCombineNone ? A(0) : grad_losses[1]};
+  const A upstream[2] = {grad_losses[0], combine == kCombineNone ? A(0) : grad_losses[1]};
   const BackwardRoles roles{rows, row_offset, combine, explicit_positive, rows_owned, sweep};
 
   for (int64_t tile = first_tile; tile < end_tile; ++tile) {
@@ -208,12 +214,14 @@ __global__ void __launch_bounds__(kThreads, 1) contrastive_backward_kernel(
                        dim_b, combine);
     __syncthreads();
 
-    store_tile_coefficients(sm, roles, own, n_own, swept0, n_swept, own_lse, grad, terms);
-    tile_accumulate(sm, slab_a, n_own, own0, dim_a, n_swept, swept0, sm.coef[0], swept_a);
+    store_tile_coefficients(sm, roles, own, n_own, swept0, n_swept, own_lse, upstream, terms);
+    grad_a.accumulate(sm, sm.coef[0], swept_a, n_swept, swept0, dim_a, d0);
     if (combine != kCombineNone)
-      tile_accumulate(sm, slab_b, n_own, own0, dim_b, n_swept, swept0, sm.coef[1], swept_b);
+      grad_b.accumulate(sm, sm.coef[1], swept_b, n_swept, swept0, dim_b, d0);
     __syncthreads();  // the next tile overwrites the statistics, logits and coefficients
   }
+  grad_a.store(sm, slab_a, n_own, own0, dim_a, d0);
+  if (combine != kCombineNone) grad_b.store(sm, slab_b, n_own, own0, dim_b, d0);
 }
 
 const void* data_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
@@ -246,7 +254,9 @@ std::pair<at::Tensor, at::Tensor> backward_sweep(Sweep sweep, const at::Tensor& 
         auto* kernel = contrastive_backward_kernel<scalar_t>;
         constexpr size_t smem = TileLayout<scalar_t>::kBytes;
         allow_shared_memory(kernel, smem);
-        kernel<<<dim3(owned_blocks, split.splits), kThreads, smem,
+        const int64_t groups =
+            ceil_div(std::max(in.dim_a, in.dim_b), kGradChunks<scalar_t> * kTile);
+        kernel<<<dim3(owned_blocks, split.splits, groups), kThreads, smem,
                  c10::cuda::getCurrentCUDAStream()>>>(
             ptr<scalar_t>(own_a), ptr<scalar_t>(own_b), n_own, ptr<scalar_t>(swept_a),
             ptr<scalar_t>(swept_b), n_swept, in.dim_a, in.dim_b, in.rows, row_offset, combine,

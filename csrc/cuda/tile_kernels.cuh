@@ -9,9 +9,11 @@
 //      forward passes; gradient coefficients from tile_math.h in the backward passes);
 //   3. in the passes that produce (B, D)-shaped results, multiplies the coefficient tile by the
 //      swept entities' features and adds that to the owned rows of a float "slab" in global
-//      memory (tile_accumulate). The CTA owns those slab rows, so no atomics are needed; when the
-//      sweep is split over several CTAs (split_sweep), each split has its own slab and the slabs
-//      are summed in a fixed order afterwards. Results are therefore bit-identical run to run.
+//      memory (tile_accumulate), or, in the contrastive backward, to accumulators held in
+//      registers for the whole sweep and stored to the slab once (RowGradient). The CTA owns
+//      those slab rows, so no atomics are needed; when the sweep is split over several CTAs
+//      (split_sweep), each split has its own slab and the slabs are summed in a fixed order
+//      afterwards. Results are therefore bit-identical run to run.
 //
 // Products use tensor cores (WMMA, float32 accumulation) for float16/bfloat16 and plain FMA for
 // float32/float64, whose tolerances (docs/math.md §5) TF32 would not meet.
@@ -345,6 +347,55 @@ __device__ __forceinline__ void tile_accumulate(const TileSmem<T>& sm, accum_t<T
     __syncthreads();
   }
 }
+
+// Step 3 with the owned rows' results in registers for the whole sweep: kGradChunks kTile-wide
+// feature chunks from feature d0 (the kernel's feature group), written to the slab once at the
+// end, so a swept tile costs no slab traffic. (Four chunks cover D = 256 in 128 accumulator
+// registers per thread for the a and b gradients together; float64 takes two.)
+template <typename T>
+constexpr int kGradChunks = sizeof(accum_t<T>) == 8 ? 2 : 4;
+
+template <typename T>
+struct RowGradient {
+  using L = TileLayout<T>;
+  TileAcc<T> acc[kGradChunks<T>];
+
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int c = 0; c < kGradChunks<T>; ++c) acc[c].zero();
+  }
+
+  // this += coef · value[swept0 : swept0 + kTile, d0 : d0 + kGradChunks * kTile], features past
+  // dim skipped. coef: the owned x swept tile the elementwise phase wrote (leading dimension
+  // kLdCoef); the first barrier here publishes it.
+  __device__ __forceinline__ void accumulate(const TileSmem<T>& sm, const T* coef,
+                                             const T* value, int64_t n_swept, int64_t swept0,
+                                             int64_t dim, int64_t d0) {
+#pragma unroll
+    for (int c = 0; c < kGradChunks<T>; ++c) {
+      const int64_t d = d0 + c * kTile;
+      if (d >= dim) break;
+      load_tile<kTile, kTile, L::kLdValue>(sm.values, value, n_swept, dim, swept0, d);
+      __syncthreads();
+      acc[c].template mma<false>(coef, L::kLdCoef, sm.values, L::kLdValue, kTile);
+      __syncthreads();
+    }
+  }
+
+  // slab[own0 : own0 + kTile, d0 : d0 + kGradChunks * kTile] = this, inside n_own x dim.
+  __device__ __forceinline__ void store(const TileSmem<T>& sm, accum_t<T>* slab, int64_t n_own,
+                                        int64_t own0, int64_t dim, int64_t d0) const {
+#pragma unroll
+    for (int c = 0; c < kGradChunks<T>; ++c) {
+      const int64_t d = d0 + c * kTile;
+      if (d >= dim) break;
+      acc[c].store(sm.stage, L::kLdTile);
+      __syncthreads();
+      store_tile<kTile, kTile, L::kLdTile>(slab, n_own, dim, own0, d, sm.stage);
+      __syncthreads();
+    }
+  }
+};
 
 // Logits of tile (row block row0, column tile col0) into sm.logits: [0] the base term a·a',
 // [1] the interventional term: a·a' + b·b' ("concat", continuing the same accumulator) or b·b'

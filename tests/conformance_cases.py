@@ -86,10 +86,13 @@ _SPECS = (
     # tiles among them). Its float16 runs in the loss-scale case.
     Spec("triton", "cpu", _INTERPRETER[:2], tile_shapes=((50, 8, 3),),
          namespace="icl_msr_triton", slow=True, sweep="symmetric"),
-    # CUDA kernels: 64-wide tiles, 32-wide D chunks. Triton: the whole of D in the contrastive
-    # backward at D = 150 (a BLOCK_D of 256, the wide tiles), chunks at D = 300.
-    Spec("cuda", "cuda", _ALL, tile_shapes=((70, 150, 70),), bank_sizes=(37, 1037, 1),
-         namespace="icl_msr"),
+    # CUDA kernels: 64-wide tiles, 32-wide D chunks; the contrastive kernels hold the owned rows
+    # in shared memory at D = 150 and, in float32, stage them with every tile at D = 300 (too
+    # wide to hold), which is also two feature groups of the float64 backward. Triton: the
+    # whole of D in the contrastive backward at D = 150 (a BLOCK_D of 256, the wide tiles),
+    # chunks at D = 300.
+    Spec("cuda", "cuda", _ALL, tile_shapes=((70, 150, 70), (40, 300, 9)),
+         bank_sizes=(37, 1037, 1), namespace="icl_msr"),
     Spec("triton", "cuda", _ALL, tile_shapes=((70, 150, 70), (40, 300, 9)),
          bank_sizes=(37, 1037, 1), namespace="icl_msr_triton"),
 )

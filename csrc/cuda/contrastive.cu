@@ -20,12 +20,15 @@ __global__ void __launch_bounds__(kThreads, 1) contrastive_forward_kernel(
     const T* __restrict__ a, const T* __restrict__ b, const T* __restrict__ a_cols,
     const T* __restrict__ b_cols, int64_t rows, int64_t cols, int64_t dim_a, int64_t dim_b,
     int64_t row_offset, int64_t combine, bool explicit_positive, int64_t tiles_per_split,
-    accum_t<T>* part_max, accum_t<T>* part_sum, accum_t<T>* pos_logit) {
+    bool resident_rows, accum_t<T>* part_max, accum_t<T>* part_sum, accum_t<T>* pos_logit) {
   using A = accum_t<T>;
   using L = TileLayout<T>;
   extern __shared__ __align__(128) unsigned char smem[];
   const TileSmem<T> sm(smem);
   const int64_t row0 = int64_t(blockIdx.x) * kTile;
+  const ResidentRows<T> resident = ResidentRows<T>::stage(
+      resident_rows, smem + L::kSweepBytes, a, dim_a, b, combine == kCombineNone ? 0 : dim_b,
+      rows, row0);
   const int64_t split = blockIdx.y;
   const int64_t first_tile = split * tiles_per_split;
   const int64_t end_tile = std::min(ceil_div(cols, kTile), first_tile + tiles_per_split);
@@ -41,7 +44,8 @@ __global__ void __launch_bounds__(kThreads, 1) contrastive_forward_kernel(
 
   for (int64_t tile = first_tile; tile < end_tile; ++tile) {
     const int64_t col0 = tile * kTile;
-    contrastive_logits(sm, a, b, rows, row0, a_cols, b_cols, cols, col0, dim_a, dim_b, combine);
+    contrastive_logits(sm, a, b, rows, row0, a_cols, b_cols, cols, col0, dim_a, dim_b, combine,
+                       resident);
     __syncthreads();
     if (row < rows) {
       // The negatives: the positive is merged in by the finishing kernel.
@@ -172,12 +176,15 @@ __global__ void __launch_bounds__(kThreads, 1) contrastive_backward_kernel(
     int64_t dim_b, int64_t rows, int64_t row_offset, int64_t combine, bool explicit_positive,
     Sweep sweep,
     const accum_t<T>* __restrict__ row_lse, const accum_t<T>* __restrict__ grad_losses,
-    int64_t tiles_per_split, accum_t<T>* slab_a, accum_t<T>* slab_b) {
+    int64_t tiles_per_split, bool resident_rows, accum_t<T>* slab_a, accum_t<T>* slab_b) {
   using A = accum_t<T>;
   using L = TileLayout<T>;
   extern __shared__ __align__(128) unsigned char smem[];
   const TileSmem<T> sm(smem);
   const int64_t own0 = int64_t(blockIdx.x) * kTile;
+  const ResidentRows<T> resident = ResidentRows<T>::stage(
+      resident_rows, smem + L::kBytes, own_a, dim_a, own_b,
+      combine == kCombineNone ? 0 : dim_b, n_own, own0);
   const int64_t split = blockIdx.y;
   const int64_t first_tile = split * tiles_per_split;
   const int64_t end_tile = std::min(ceil_div(n_swept, kTile), first_tile + tiles_per_split);
@@ -211,7 +218,7 @@ __global__ void __launch_bounds__(kThreads, 1) contrastive_backward_kernel(
         sm.stats[i] = term < terms && swept < n_swept ? row_lse[term * rows + swept] : A(0);
       }
     contrastive_logits(sm, own_a, own_b, n_own, own0, swept_a, swept_b, n_swept, swept0, dim_a,
-                       dim_b, combine);
+                       dim_b, combine, resident);
     __syncthreads();
 
     store_tile_coefficients(sm, roles, own, n_own, swept0, n_swept, own_lse, upstream, terms);
@@ -252,7 +259,10 @@ std::pair<at::Tensor, at::Tensor> backward_sweep(Sweep sweep, const at::Tensor& 
       at::kHalf, at::kBFloat16, own_a.scalar_type(), "icl_msr contrastive_backward (CUDA)", [&] {
         using A = accum_t<scalar_t>;
         auto* kernel = contrastive_backward_kernel<scalar_t>;
-        constexpr size_t smem = TileLayout<scalar_t>::kBytes;
+        constexpr size_t base = TileLayout<scalar_t>::kBytes;
+        const size_t resident = ResidentRows<scalar_t>::extra_bytes(
+            base, in.dim_a, combine == kCombineNone ? 0 : in.dim_b);
+        const size_t smem = base + resident;
         allow_shared_memory(kernel, smem);
         const int64_t groups =
             ceil_div(std::max(in.dim_a, in.dim_b), kGradChunks<scalar_t> * kTile);
@@ -261,7 +271,7 @@ std::pair<at::Tensor, at::Tensor> backward_sweep(Sweep sweep, const at::Tensor& 
             ptr<scalar_t>(own_a), ptr<scalar_t>(own_b), n_own, ptr<scalar_t>(swept_a),
             ptr<scalar_t>(swept_b), n_swept, in.dim_a, in.dim_b, in.rows, row_offset, combine,
             in.positive_logits.defined(), sweep, row_lse.data_ptr<A>(), grad_unit.data_ptr<A>(),
-            split.tiles_per_split, slab_a.data_ptr<A>(), slab_b.data_ptr<A>());
+            split.tiles_per_split, resident > 0, slab_a.data_ptr<A>(), slab_b.data_ptr<A>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
   // grad_scale / rows as a 0-d device tensor: a power of two times 1/rows, so multiplying by it
@@ -304,13 +314,16 @@ std::tuple<at::Tensor, at::Tensor> contrastive_forward(
       at::kHalf, at::kBFloat16, in.a.scalar_type(), "icl_msr contrastive_forward (CUDA)", [&] {
         using A = accum_t<scalar_t>;
         auto* kernel = contrastive_forward_kernel<scalar_t>;
-        constexpr size_t smem = TileLayout<scalar_t>::kSweepBytes;
+        constexpr size_t base = TileLayout<scalar_t>::kSweepBytes;
+        const size_t resident = ResidentRows<scalar_t>::extra_bytes(
+            base, in.dim_a, combine == kCombineNone ? 0 : in.dim_b);
+        const size_t smem = base + resident;
         allow_shared_memory(kernel, smem);
         kernel<<<dim3(row_blocks, split.splits), kThreads, smem, stream>>>(
             ptr<scalar_t>(in.a), ptr<scalar_t>(in.b), ptr<scalar_t>(a_cols),
             ptr<scalar_t>(b_cols), in.rows, in.cols, in.dim_a, in.dim_b, row_offset, combine,
-            explicit_positive, split.tiles_per_split, part_max.data_ptr<A>(), part_sum.data_ptr<A>(),
-            pos_logit.data_ptr<A>());
+            explicit_positive, split.tiles_per_split, resident > 0, part_max.data_ptr<A>(),
+            part_sum.data_ptr<A>(), pos_logit.data_ptr<A>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         contrastive_finish_kernel<A><<<dim3(ceil_div(in.rows, kThreads)), kThreads, 0, stream>>>(
             part_max.data_ptr<A>(), part_sum.data_ptr<A>(), pos_logit.data_ptr<A>(), in.rows,

@@ -301,12 +301,99 @@ __device__ __forceinline__ void store_tile(T* dst, int64_t dst_rows, int64_t dst
   });
 }
 
-// Step 1: acc += rows[row0 : row0 + kTile] · cols[col0 : col0 + kTile]ᵀ over `dim` features.
+// The owned block's features held in shared memory for a whole sweep (a, and b unless absent):
+// staged once, zero-padded to whole kChunk-wide chunks, so that the products stage only the
+// swept side. A kernel keeps them where its dynamic shared memory has room (`extra_bytes`,
+// decided on the host from D alone); otherwise `a` is null and the products stage both sides
+// with every tile. Either way the same operands meet in the same order: identical results.
+template <typename T>
+struct ResidentRows {
+  const T* a = nullptr;
+  const T* b = nullptr;
+  int ld_a = 0, ld_b = 0;
+
+  // Under an A100's 163 KiB of shared memory per block, so every supported GPU takes the path.
+  static constexpr size_t kMaxKernelBytes = 160 * 1024;
+  // float64 tiles already fill the shared memory (and its registers the kernels): not compiled.
+  static constexpr bool kEnabled = sizeof(T) < 8;
+
+  __host__ __device__ static int ld(int64_t dim) {
+    return static_cast<int>(ceil_div(dim, kChunk) * kChunk) + TileLayout<T>::kPad;
+  }
+  __host__ __device__ static size_t bytes(int64_t dim) {
+    return dim > 0 ? TileLayout<T>::aligned(size_t(kTile) * ld(dim) * sizeof(T)) : 0;
+  }
+  // Shared memory the resident rows take beyond a kernel's `base` bytes: 0 when they would not
+  // fit (or for float64, whose tiles already fill it). dim_b is 0 without b.
+  static size_t extra_bytes(size_t base, int64_t dim_a, int64_t dim_b) {
+    const size_t extra = bytes(dim_a) + bytes(dim_b);
+    return kEnabled && base + extra <= kMaxKernelBytes ? extra : 0;
+  }
+
+  // Stage rows row0 .. row0 + kTile of a (and b) into `region` (the `extra_bytes` after the
+  // kernel's layout), or leave the struct empty when `resident` is false. Ends with a barrier.
+  __device__ __forceinline__ static ResidentRows stage(bool resident, unsigned char* region,
+                                                       const T* src_a, int64_t dim_a,
+                                                       const T* src_b, int64_t dim_b,
+                                                       int64_t n_rows, int64_t row0) {
+    ResidentRows r;
+    if (!kEnabled || !resident) return r;
+    T* a = reinterpret_cast<T*>(region);
+    r.a = a;
+    r.ld_a = ld(dim_a);
+    stage_block(a, r.ld_a, src_a, dim_a, n_rows, row0);
+    if (dim_b > 0) {
+      T* b = reinterpret_cast<T*>(region + bytes(dim_a));
+      r.b = b;
+      r.ld_b = ld(dim_b);
+      stage_block(b, r.ld_b, src_b, dim_b, n_rows, row0);
+    }
+    __syncthreads();
+    return r;
+  }
+
+ private:
+  // dst[i * ld + j] = src[(row0 + i) * dim + j] for the block's kTile rows and ld - kPad
+  // columns, zero outside the n_rows x dim matrix; 16-byte loads (dim is whole vectors).
+  __device__ __forceinline__ static void stage_block(T* dst, int ld, const T* src, int64_t dim,
+                                                     int64_t n_rows, int64_t row0) {
+    const int vecs_per_row = (ld - TileLayout<T>::kPad) / kVec<T>;
+    for (int idx = threadIdx.x; idx < kTile * vecs_per_row; idx += kThreads) {
+      const int i = idx / vecs_per_row, j = idx % vecs_per_row * kVec<T>;
+      const int64_t r = row0 + i;
+      Vec16<T> v;
+      v.bits = make_uint4(0, 0, 0, 0);
+      if (r < n_rows && j < dim) v.bits = *reinterpret_cast<const uint4*>(src + r * dim + j);
+      if (ld % kVec<T> == 0) {
+        *reinterpret_cast<uint4*>(dst + i * ld + j) = v.bits;
+      } else {
+#pragma unroll
+        for (int e = 0; e < kVec<T>; ++e) dst[i * ld + j + e] = v.elems[e];
+      }
+    }
+  }
+};
+
+// Step 1: acc += rows[row0 : row0 + kTile] · cols[col0 : col0 + kTile]ᵀ over `dim` features;
+// the rows read from `resident` (leading dimension ld_resident) when it is given.
 template <typename T>
 __device__ __forceinline__ void tile_product(TileAcc<T>& acc, const TileSmem<T>& sm, const T* rows,
                              int64_t n_rows, int64_t row0, const T* cols, int64_t n_cols,
-                             int64_t col0, int64_t dim) {
+                             int64_t col0, int64_t dim, const T* resident = nullptr,
+                             int ld_resident = 0) {
   using L = TileLayout<T>;
+  if constexpr (ResidentRows<T>::kEnabled) {
+    if (resident != nullptr) {  // two loops rather than a branch in one: both straight-line
+      for (int64_t k0 = 0; k0 < dim; k0 += kChunk) {
+        load_tile<kTile, kChunk, L::kLdChunk>(sm.chunk_cols, cols, n_cols, dim, col0, k0);
+        __syncthreads();
+        acc.template mma</*kBTransposed=*/true>(resident + k0, ld_resident, sm.chunk_cols,
+                                                L::kLdChunk, kChunk);
+        __syncthreads();
+      }
+      return;
+    }
+  }
   for (int64_t k0 = 0; k0 < dim; k0 += kChunk) {
     load_tile<kTile, kChunk, L::kLdChunk>(sm.chunk_rows, rows, n_rows, dim, row0, k0);
     load_tile<kTile, kChunk, L::kLdChunk>(sm.chunk_cols, cols, n_cols, dim, col0, k0);
@@ -400,18 +487,20 @@ struct RowGradient {
 // Logits of tile (row block row0, column tile col0) into sm.logits: [0] the base term a·a',
 // [1] the interventional term: a·a' + b·b' ("concat", continuing the same accumulator) or b·b'
 // ("add"). Features arrive pre-scaled by 1/sqrt(tau), so these are already R/tau.
+// The rows come from `resident` when it holds them.
 template <typename T>
 __device__ __forceinline__ void contrastive_logits(const TileSmem<T>& sm, const T* a, const T* b, int64_t rows,
                                    int64_t row0, const T* a_cols, const T* b_cols, int64_t cols,
-                                   int64_t col0, int64_t dim_a, int64_t dim_b, int64_t combine) {
+                                   int64_t col0, int64_t dim_a, int64_t dim_b, int64_t combine,
+                                   const ResidentRows<T>& resident = ResidentRows<T>{}) {
   using L = TileLayout<T>;
   TileAcc<T> acc;
   acc.zero();
-  tile_product(acc, sm, a, rows, row0, a_cols, cols, col0, dim_a);
+  tile_product(acc, sm, a, rows, row0, a_cols, cols, col0, dim_a, resident.a, resident.ld_a);
   acc.store(sm.logits[0], L::kLdTile);
   if (combine == kCombineNone) return;
   if (combine == kCombineAdd) acc.zero();
-  tile_product(acc, sm, b, rows, row0, b_cols, cols, col0, dim_b);
+  tile_product(acc, sm, b, rows, row0, b_cols, cols, col0, dim_b, resident.b, resident.ld_b);
   acc.store(sm.logits[1], L::kLdTile);
 }
 

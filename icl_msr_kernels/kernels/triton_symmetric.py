@@ -15,8 +15,9 @@ they are and block j's rows through the columns, half the products of a full swe
 A program takes row block i and one segment of its distances k = j - i (so that every program
 has at most `segment_tiles` tiles). The column side of a tile is added to its block's buffer in
 a fixed order, by distance, so that results are bit-identical run to run without atomics on the
-data: a turn counter per block says how many distances have been added, and the tile at
-distance k waits for k - 1. A program's work follows from a ticket it takes when it starts
+data: a turn counter per block (per BLOCK_N-column piece in the backward) says how many
+distances have been added, and the tile at distance k waits for k - 1, taking the turn only for
+its additions. A program's work follows from a ticket it takes when it starts
 (segment by segment, row blocks from the last), and it only ever waits for tiles of programs
 with smaller tickets: those started earlier, so they are running or done and the wait ends.
 (This is the ordering argument of decoupled look-back scans.) Within a segment, the tile
@@ -163,8 +164,8 @@ def _symmetric_fwd_kernel(
         # Positives found here, for the rows and (the relation is symmetric) the columns.
         cpos_base = tl.zeros((BLOCK,), acc_ty)
         cpos_int = tl.zeros((BLOCK,), acc_ty)
-        # A tile past B (the last block column, so also the last row block: i <= j) or one
-        # holding a row's own or positive column is masked; the others fold every entry.
+        # A tile past B (in the last block column) or one holding a row's own or positive
+        # column is masked; the others fold every entry.
         if (j * BLOCK + BLOCK > B) | _needs_masks(rows, row_mask, j * BLOCK, j * BLOCK + BLOCK - 1,
                                                   B, 0, False):
             valid, is_pos = _pair_masks(rows, cols, B)
@@ -244,8 +245,6 @@ def _symmetric_bwd_kernel(
         k = piece // PIECES
         j = i + k
         c0 = j * BLOCK + piece % PIECES * BLOCK_N
-        if (k > 0) & (piece % PIECES == 0):
-            _take_turn(counters_ptr + 1 + j, k - 1)
         cols = c0 + tl.arange(0, BLOCK_N)
         col_mask = cols < B
         a_c = load_tile(a_ptr, cols, col_mask, 0, D, BLOCK_D)
@@ -276,16 +275,19 @@ def _symmetric_bwd_kernel(
         t_a_op = t_a.to(a_c.dtype)
         acc_a = tl.dot(t_a_op, a_c, acc_a, input_precision=PREC, out_dtype=acc_ty)
         if k > 0:  # the transposed tile: the columns' rows get Tᵀ times this block's rows
+            # Each piece of columns has its own counter, held only for its additions.
+            col_turn = counters_ptr + 1 + c0 // BLOCK_N
             col_a = tl.dot(tl.trans(t_a_op), a_r, input_precision=PREC, out_dtype=acc_ty)
-            _add_tile(col_a_ptr, cols, col_mask, D, col_a * scale_a, BLOCK_D)
             if INT_MODE != 0:
                 col_b = tl.dot(tl.trans(t_b_op), b_r, input_precision=PREC,
                                out_dtype=acc_ty)
+            _take_turn(col_turn, k - 1)
+            _add_tile(col_a_ptr, cols, col_mask, D, col_a * scale_a, BLOCK_D)
+            if INT_MODE != 0:
                 _add_tile(col_b_ptr, cols, col_mask, D, col_b * scale_b, BLOCK_D)
-        if (k > 0) & (piece % PIECES == PIECES - 1):
-            _pass_turn(counters_ptr + 1 + j, k)
+            _pass_turn(col_turn, k)
     if k1 > k0:  # (an empty segment is followed by empty ones only: nobody waits for it)
-        row_turn = counters_ptr + 1 + n_blocks + i
+        row_turn = counters_ptr + 1 + n_blocks * PIECES + i
         _take_turn(row_turn, segment)
         _add_tile(row_a_ptr, rows, row_mask, D, acc_a * scale_a, BLOCK_D)
         if INT_MODE != 0:
@@ -363,7 +365,9 @@ def backward(grad_losses: Tensor, a: Tensor, b: Optional[Tensor], row_lse: Tenso
     n_blocks, segment_tiles = _layout(B)
     segments = triton.cdiv(n_blocks, segment_tiles)
     grads = torch.zeros((4 if mode else 2, B, D), dtype=acc, device=a.device)
-    counters = torch.zeros(1 + 2 * n_blocks, dtype=torch.int32, device=a.device)
+    # [ticket, a turn per BLOCK_N-column piece (the column sides), a turn per block (the rows)]
+    counters = torch.zeros(1 + n_blocks * (block // block_n) + n_blocks, dtype=torch.int32,
+                           device=a.device)
     col_a, row_a = grads[0], grads[1]
     col_b, row_b = (grads[2], grads[3]) if mode else (col_a, row_a)  # never written
     with on_device_of(a):

@@ -304,18 +304,25 @@ __device__ __forceinline__ void store_tile(T* dst, int64_t dst_rows, int64_t dst
 // The owned block's features held in shared memory for a whole sweep (a, and b unless absent):
 // staged once, zero-padded to whole kChunk-wide chunks, so that the products stage only the
 // swept side. A kernel keeps them where its dynamic shared memory has room (`extra_bytes`,
-// decided on the host from D alone); otherwise `a` is null and the products stage both sides
+// decided on the host from D alone); otherwise (`held` false) the products stage both sides
 // with every tile. Either way the same operands meet in the same order: identical results.
 template <typename T>
 struct ResidentRows {
+  // Set whether or not the rows are held (`held`), so that the pointers are always into shared
+  // memory.
   const T* a = nullptr;
   const T* b = nullptr;
   int ld_a = 0, ld_b = 0;
+  bool held = false;
 
   // Under an A100's 163 KiB of shared memory per block, so every supported GPU takes the path.
   static constexpr size_t kMaxKernelBytes = 160 * 1024;
-  // float64 tiles already fill the shared memory (and its registers the kernels): not compiled.
-  static constexpr bool kEnabled = sizeof(T) < 8;
+  // Not compiled for float64, whose tiles already fill the shared memory (and the kernels'
+  // registers), nor for float16: its staged fragments load with ldmatrix (1.25 memory
+  // instructions per HMMA on sm_90) and those from the resident rows 32 bits at a time through
+  // generic addresses (1.75), as bfloat16's always do (where holding the rows takes the loop
+  // from 3.5 to 3.25); benchmarks.sass shows both.
+  static constexpr bool kEnabled = sizeof(T) < 8 && !std::is_same_v<T, c10::Half>;
 
   __host__ __device__ static int ld(int64_t dim) {
     return static_cast<int>(ceil_div(dim, kChunk) * kChunk) + TileLayout<T>::kPad;
@@ -337,27 +344,27 @@ struct ResidentRows {
                                                        const T* src_b, int64_t dim_b,
                                                        int64_t n_rows, int64_t row0) {
     ResidentRows r;
-    if (!kEnabled || !resident) return r;
-    T* a = reinterpret_cast<T*>(region);
-    r.a = a;
+    r.a = reinterpret_cast<const T*>(region);
+    r.b = reinterpret_cast<const T*>(region + bytes(dim_a));
     r.ld_a = ld(dim_a);
-    stage_block(a, r.ld_a, src_a, dim_a, n_rows, row0);
-    if (dim_b > 0) {
-      T* b = reinterpret_cast<T*>(region + bytes(dim_a));
-      r.b = b;
-      r.ld_b = ld(dim_b);
-      stage_block(b, r.ld_b, src_b, dim_b, n_rows, row0);
-    }
+    r.ld_b = ld(dim_b);
+    r.held = kEnabled && resident;
+    if (!r.held) return r;
+    stage_block(reinterpret_cast<T*>(region), r.ld_a, src_a, dim_a, n_rows, row0);
+    if (dim_b > 0)
+      stage_block(reinterpret_cast<T*>(region + bytes(dim_a)), r.ld_b, src_b, dim_b, n_rows,
+                  row0);
     __syncthreads();
     return r;
   }
 
  private:
-  // dst[i * ld + j] = src[(row0 + i) * dim + j] for the block's kTile rows and ld - kPad
-  // columns, zero outside the n_rows x dim matrix; 16-byte loads (dim is whole vectors).
+  // dst[i * ld + j] = src[(row0 + i) * dim + j] for the block's kTile rows and its whole
+  // kChunk-wide chunks of columns, zero outside the n_rows x dim matrix; 16-byte loads (dim is
+  // whole vectors).
   __device__ __forceinline__ static void stage_block(T* dst, int ld, const T* src, int64_t dim,
                                                      int64_t n_rows, int64_t row0) {
-    const int vecs_per_row = (ld - TileLayout<T>::kPad) / kVec<T>;
+    const int vecs_per_row = static_cast<int>(ceil_div(dim, kChunk) * kChunk) / kVec<T>;
     for (int idx = threadIdx.x; idx < kTile * vecs_per_row; idx += kThreads) {
       const int i = idx / vecs_per_row, j = idx % vecs_per_row * kVec<T>;
       const int64_t r = row0 + i;
@@ -375,15 +382,15 @@ struct ResidentRows {
 };
 
 // Step 1: acc += rows[row0 : row0 + kTile] · cols[col0 : col0 + kTile]ᵀ over `dim` features;
-// the rows read from `resident` (leading dimension ld_resident) when it is given.
+// the rows read from `resident` (shared memory, leading dimension ld_resident) when held.
 template <typename T>
 __device__ __forceinline__ void tile_product(TileAcc<T>& acc, const TileSmem<T>& sm, const T* rows,
                              int64_t n_rows, int64_t row0, const T* cols, int64_t n_cols,
-                             int64_t col0, int64_t dim, const T* resident = nullptr,
-                             int ld_resident = 0) {
+                             int64_t col0, int64_t dim, bool held = false,
+                             const T* resident = nullptr, int ld_resident = 0) {
   using L = TileLayout<T>;
   if constexpr (ResidentRows<T>::kEnabled) {
-    if (resident != nullptr) {  // two loops rather than a branch in one: both straight-line
+    if (held) {  // two loops rather than a branch in one: both straight-line
       for (int64_t k0 = 0; k0 < dim; k0 += kChunk) {
         load_tile<kTile, kChunk, L::kLdChunk>(sm.chunk_cols, cols, n_cols, dim, col0, k0);
         __syncthreads();
@@ -496,11 +503,13 @@ __device__ __forceinline__ void contrastive_logits(const TileSmem<T>& sm, const 
   using L = TileLayout<T>;
   TileAcc<T> acc;
   acc.zero();
-  tile_product(acc, sm, a, rows, row0, a_cols, cols, col0, dim_a, resident.a, resident.ld_a);
+  tile_product(acc, sm, a, rows, row0, a_cols, cols, col0, dim_a, resident.held, resident.a,
+               resident.ld_a);
   acc.store(sm.logits[0], L::kLdTile);
   if (combine == kCombineNone) return;
   if (combine == kCombineAdd) acc.zero();
-  tile_product(acc, sm, b, rows, row0, b_cols, cols, col0, dim_b, resident.b, resident.ld_b);
+  tile_product(acc, sm, b, rows, row0, b_cols, cols, col0, dim_b, resident.held, resident.b,
+               resident.ld_b);
   acc.store(sm.logits[1], L::kLdTile);
 }
 

@@ -184,11 +184,15 @@ def test_double_backward_raises():
 
 
 @interp
-def test_compile_fullgraph():
+@pytest.mark.parametrize("sweep", ["full", "symmetric"])
+def test_compile_fullgraph(sweep, monkeypatch):
     # Under the interpreter the ops are opaque custom ops with fake implementations (triton_op
     # would trace into kernels that need real data); "aot_eager" traces forward and backward
     # without generating code. On a GPU, test_cuda_compile_fullgraph uses inductor.
-    inputs = cast(make_inputs(n=4, d=6, k=3, seed=5), torch.float32)
+    from icl_msr_kernels.kernels import triton_common
+
+    monkeypatch.setattr(triton_common, "_sweep", sweep)
+    inputs = cast(make_inputs(n=20, d=6, k=3, seed=5), torch.float32)
 
     def fn(z1, z2, prototypes, prior_logits, temperature):
         return icl_msr_loss(z1, z2, prototypes, prior_logits, temperature=temperature,

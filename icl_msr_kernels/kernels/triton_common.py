@@ -152,9 +152,10 @@ def set_sweep(sweep: str) -> None:
     "full" (the default): every row block sweeps every column block, both triangles, with no
     communication between programs. "symmetric": each unordered pair of row blocks is computed
     once and serves both (half the products and exponentials), the programs adding their column
-    sides to shared buffers in a fixed order under turn counters (`triton_symmetric`); it takes
-    whole feature rows (D up to 256 for 2-byte and float32 "ieee" operands) and falls back to
-    "full" otherwise. Distributed columns and memory banks always take "full". Results are
+    sides to shared buffers in a fixed order under turn counters (`triton_symmetric`). On a GPU
+    it takes float16/bfloat16 features up to D = 128 (under the interpreter every dtype up to
+    the whole-row width) and falls back to "full" otherwise; distributed columns and memory
+    banks always take "full". Results are
     deterministic either way; "symmetric" is not the default until a GPU measurement says it is
     the faster. Under torch.compile the value at tracing time is the one compiled in.
     """
@@ -318,6 +319,12 @@ class TunedKernel:
 
 _HAS_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
 _wrap_triton = torch.library.wrap_triton if _HAS_TRITON_OP else (lambda kernel: kernel)
+
+
+def traceable(kernel: Any) -> Any:
+    """`kernel` as a `define_op` function must launch it for torch.compile to trace the launch
+    (torch.library.wrap_triton; the kernel itself under the interpreter or an older torch)."""
+    return kernel if interpreting() else _wrap_triton(kernel)
 
 
 def define_op(name: str) -> Callable[[Callable[..., Any]], Any]:

@@ -40,7 +40,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .triton_common import (acc_dtype, dot_nt, interpreting, load_tile, on_device_of,
-                            whole_d_blocking)
+                            traceable, whole_d_blocking)
 from .triton_contrastive import (_mask_weights, _needs_masks, _online_lse, _softmax_weights,
                                  _term_weights)
 from .triton_pairs import _merge
@@ -347,7 +347,7 @@ def forward(a: Tensor, b: Optional[Tensor], mode: int, precision: str,
     col_pos = torch.zeros((terms, B), dtype=acc, device=a.device)
     counters = torch.zeros(1 + n_blocks, dtype=torch.int32, device=a.device)
     with on_device_of(a):
-        _symmetric_fwd_kernel[(segments * n_blocks,)](
+        traceable(_symmetric_fwd_kernel)[(segments * n_blocks,)](
             a, b if mode else a, counters, lse_parts, pos_parts, col_max, col_sum, col_pos,
             B, D, n_blocks, segment_tiles, INT_MODE=mode, FP64=a.dtype == torch.float64,
             PREC=precision, BLOCK_D=block_d, BLOCK=block, num_warps=warps, num_stages=stages)
@@ -364,14 +364,17 @@ def backward(grad_losses: Tensor, a: Tensor, b: Optional[Tensor], row_lse: Tenso
     block, block_n, _, warps, stages = config()
     n_blocks, segment_tiles = _layout(B)
     segments = triton.cdiv(n_blocks, segment_tiles)
-    grads = torch.zeros((4 if mode else 2, B, D), dtype=acc, device=a.device)
     # [ticket, a turn per BLOCK_N-column piece (the column sides), a turn per block (the rows)]
     counters = torch.zeros(1 + n_blocks * (block // block_n) + n_blocks, dtype=torch.int32,
                            device=a.device)
-    col_a, row_a = grads[0], grads[1]
-    col_b, row_b = (grads[2], grads[3]) if mode else (col_a, row_a)  # never written
+
+    def buffer(rows: int) -> Tensor:  # separate tensors: the kernel writes them, none aliased
+        return torch.zeros((rows, D), dtype=acc, device=a.device)
+
+    col_a, row_a = buffer(B), buffer(B)
+    col_b, row_b = (buffer(B), buffer(B)) if mode else (buffer(0), buffer(0))  # never written
     with on_device_of(a):
-        _symmetric_bwd_kernel[(segments * n_blocks,)](
+        traceable(_symmetric_bwd_kernel)[(segments * n_blocks,)](
             a, b if mode else a, counters, row_lse, grad_losses, col_a, col_b, row_a, row_b,
             B, D, n_blocks, segment_tiles, INT_MODE=mode, FP64=a.dtype == torch.float64,
             PREC=precision, BLOCK_D=block_d, BLOCK=block, BLOCK_N=block_n, num_warps=warps,

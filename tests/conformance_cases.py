@@ -105,7 +105,7 @@ _AVAILABLE = set(icl.available_backends())
 def _runs_here(spec: Spec) -> bool:
     """Whether the entry belongs in this process at all (else it is left out, not skipped)."""
     if spec.name == "triton" and spec.device == "cpu":
-        # Only under the interpreter; test_conformance_under_triton_interpreter runs that child.
+        # Only under the interpreter; tests/test_interpreter.py runs that child.
         return INTERPRETED
     return True
 

@@ -6,7 +6,7 @@ float16, memory banks, the regulariser alone, determinism).
 The backends are `conformance_cases.BACKENDS`, (name, device) parameters computed at import:
 "reference" and "cpp" on CPU tensors; "triton" on CPU tensors only in a process with
 TRITON_INTERPRET=1 (plain `pytest tests` runs those in a child process,
-`test_conformance_under_triton_interpreter`; `TRITON_INTERPRET=1 pytest -k triton
+`tests/test_interpreter.py`; `TRITON_INTERPRET=1 pytest -k triton
 tests/test_conformance.py` runs them directly); "cuda" and "triton" on CUDA tensors, marked
 `cuda` and skipped with the reason where there is no GPU. A new backend is one entry in
 `conformance_cases._SPECS`.
@@ -14,19 +14,13 @@ tests/test_conformance.py` runs them directly); "cuda" and "triton" on CUDA tens
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import pytest
 import torch
 
 import icl_msr_kernels as icl
 from icl_msr_kernels.reference import contrastive_losses, prototype_attention
 
-from conformance_cases import (BACKENDS, DTYPE_NAMES, HAS_TRITON, INTERPRETED, SPECS,
+from conformance_cases import (BACKENDS, DTYPE_NAMES, INTERPRETED, SPECS,
                                assert_conforms, backend_dtypes, backend_shapes,
                                loss_parts, nonzero_gradients, ntxent_parts, parts_and_grads,
                                regularizer_parts, strided, unit_rows, without_grad)
@@ -665,40 +659,3 @@ def test_pair_kernels_cover_the_job_once(spec, dtype, combine):
     for got, want in ((grad_a, want_a), (grad_b, want_b)):
         if want is not None:
             assert (got - want).abs().max() <= tol * want.abs().max()
-
-
-# ---------------------------------------------------------------------------------------------
-# The triton entries, under the interpreter, in a child process
-
-
-INTERPRETER_TIMEOUT_S = 240  # a guard against a hung child
-# The interpreter entries in two children run side by side (each interprets on one core).
-_INTERPRETER_SELECTIONS = ("triton and not symmetric", "triton-symmetric")
-
-
-@pytest.mark.skipif(INTERPRETED, reason="this process is the interpreter run itself")
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-def test_conformance_under_triton_interpreter():
-    """Run this suite's "triton" CPU entries in child pytests with TRITON_INTERPRET=1 (it must
-    be set before triton is first imported, which this process has already done)."""
-    repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    start = time.monotonic()
-    children = [subprocess.Popen(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not cuda",
-         "-k", selection, str(Path(__file__).resolve())],
-        cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for selection in _INTERPRETER_SELECTIONS]
-    try:
-        outputs = [child.communicate(timeout=INTERPRETER_TIMEOUT_S) for child in children]
-    finally:
-        for child in children:
-            child.kill()
-    elapsed = time.monotonic() - start
-    for selection, child, (stdout, stderr) in zip(_INTERPRETER_SELECTIONS, children, outputs):
-        report = stdout[-8000:] + stderr[-4000:]
-        assert child.returncode == 0, \
-            f"interpreter conformance ({selection}) failed ({elapsed:.0f} s):\n{report}"
-        assert "passed" in stdout, report
-        print(f"triton interpreter conformance ({selection}), {elapsed:.0f} s: "
-              f"{stdout.strip().splitlines()[-1]}")

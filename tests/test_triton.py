@@ -5,7 +5,7 @@ Four groups:
 - interpreter tests (`interp`): the kernels run on CPU tensors under TRITON_INTERPRET=1. That
   variable must be set before triton is first imported, and torch (or another test) may import
   triton early, so plain `pytest tests` runs them in a child pytest process
-  (`test_interpreter_suite`). `TRITON_INTERPRET=1 pytest tests/test_triton.py` runs them
+  (`tests/test_interpreter.py`). `TRITON_INTERPRET=1 pytest tests/test_triton.py` runs them
   directly, one by one. The interpreter has no bfloat16, so they cover float32, float16 (and
   float64, which checks the kernels' math to 1e-10).
 - error tests that need no GPU (run in the parent process, where triton is compiled, not
@@ -21,7 +21,6 @@ import importlib.util
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -39,7 +38,7 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_CUDA = torch.cuda.is_available()
 
 interp = pytest.mark.skipif(
-    not INTERPRETED, reason="interpreter test: run by test_interpreter_suite in a child process "
+    not INTERPRETED, reason="interpreter test: run by tests/test_interpreter.py in a child process "
                             "with TRITON_INTERPRET=1")
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 
@@ -51,8 +50,6 @@ def cuda(test):
     return pytest.mark.cuda(skip(test))
 
 
-# The child process must finish well inside the 3-minute budget of the interpreter tests.
-INTERPRETER_TIMEOUT_S = 170
 
 
 def _contrastive_case(dtype, combine, device="cpu", rows=6, dim=7, ranks=3, rank=1, seed=0):
@@ -102,27 +99,6 @@ def assert_contrastive_matches_reference(dtype, combine, device="cpu", **shape):
     assert loss_err <= loss_tol, f"loss rel. error {loss_err:.3g}"
     for name, err in grad_err.items():
         assert err <= grad_tol, f"grad {name} error {err:.3g}"
-
-
-# ---------------------------------------------------------------------------------------------
-# The interpreter run (parent process)
-
-
-@pytest.mark.skipif(INTERPRETED, reason="this process is the interpreter run itself")
-@needs_triton
-def test_interpreter_suite():
-    """Run this file's interpreter tests in a child pytest with TRITON_INTERPRET=1."""
-    repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    start = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not cuda",
-         str(Path(__file__).resolve())],
-        cwd=repo, env=env, capture_output=True, text=True, timeout=INTERPRETER_TIMEOUT_S)
-    elapsed = time.monotonic() - start
-    report = proc.stdout[-8000:] + proc.stderr[-4000:]
-    assert proc.returncode == 0, f"interpreter tests failed ({elapsed:.0f} s):\n{report}"
-    print(f"interpreter suite, {elapsed:.0f} s: {proc.stdout.strip().splitlines()[-1]}")
 
 
 # ---------------------------------------------------------------------------------------------

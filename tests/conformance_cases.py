@@ -83,8 +83,9 @@ _SPECS = (
          namespace="icl_msr_triton", slow=True),
     # The symmetric sweep, 32-row blocks in 16-column pieces: 2N = 100 is four blocks, the last
     # partial, in two segments of distances (several programs add to every block, unmasked
-    # tiles among them). Its float16 runs in the loss-scale case.
-    Spec("triton", "cpu", _INTERPRETER[:2], tile_shapes=((50, 8, 3),),
+    # tiles among them). float64 holds its math to 1e-10; float16 runs in the loss-scale case,
+    # float32 in tests/test_triton.py.
+    Spec("triton", "cpu", _INTERPRETER[:1], tile_shapes=((50, 8, 3),),
          namespace="icl_msr_triton", slow=True, sweep="symmetric"),
     # CUDA kernels: 64-wide tiles, 32-wide D chunks; the contrastive kernels hold the owned rows
     # in shared memory at D = 150 (bfloat16, float32) and, in float32, stage them with every

@@ -217,6 +217,7 @@ def symmetric_sweep():
             return fn(*args)
         return call
 
+    previous = triton_common.get_sweep()
     triton_common.set_sweep("symmetric")
     triton_symmetric.forward = counted("forward", forward)
     triton_symmetric.backward = counted("backward", backward)
@@ -224,7 +225,7 @@ def symmetric_sweep():
         yield calls
     finally:
         triton_symmetric.forward, triton_symmetric.backward = forward, backward
-        triton_common.set_sweep("full")
+        triton_common.set_sweep(previous)
 
 
 def _far_rows(n=24, d=16, dtype=torch.float64):
@@ -304,9 +305,10 @@ def test_symmetric_sweep_segments_add_in_a_fixed_order(symmetric_sweep):
 def test_sweep_option_is_checked():
     from icl_msr_kernels.kernels import triton_common
 
+    before = triton_common.get_sweep()
     with pytest.raises(ValueError, match="sweep must be one of 'full', 'symmetric'"):
         triton_common.set_sweep("pairs")
-    assert triton_common.get_sweep() == "full"
+    assert triton_common.get_sweep() == before
 
 
 @interp

@@ -263,6 +263,24 @@ __device__ __forceinline__ void for_each_vector(const F& f) {
   }
 }
 
+// dst[0 : kVec] = the vector src[r * src_cols + c :], zero where (r, c) falls outside the
+// src_rows x src_cols matrix. One 16-byte store when dst_aligned (a compile-time constant in the
+// tile loads, where the branch folds away), else element stores.
+template <typename T>
+__device__ __forceinline__ void copy_vector(T* dst, bool dst_aligned, const T* src,
+                                            int64_t src_rows, int64_t src_cols, int64_t r,
+                                            int64_t c) {
+  Vec16<T> v;
+  v.bits = make_uint4(0, 0, 0, 0);  // zero in every floating type
+  if (r < src_rows && c < src_cols) v.bits = *reinterpret_cast<const uint4*>(src + r * src_cols + c);
+  if (dst_aligned) {
+    *reinterpret_cast<uint4*>(dst) = v.bits;
+  } else {
+#pragma unroll
+    for (int e = 0; e < kVec<T>; ++e) dst[e] = v.elems[e];
+  }
+}
+
 // dst[i * kLd + j] = src[(row0 + i) * src_cols + col0 + j] over a kRows x kCols tile, zero where
 // that falls outside the src_rows x src_cols matrix (so padded rows, columns and features add
 // nothing to the products).
@@ -270,16 +288,8 @@ template <int kRows, int kCols, int kLd, typename T>
 __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t src_rows,
                                           int64_t src_cols, int64_t row0, int64_t col0) {
   for_each_vector<kRows, kCols, T>([&](int i, int j) {
-    const int64_t r = row0 + i, c = col0 + j;
-    Vec16<T> v;
-    v.bits = make_uint4(0, 0, 0, 0);  // zero in every floating type
-    if (r < src_rows && c < src_cols) v.bits = *reinterpret_cast<const uint4*>(src + r * src_cols + c);
-    if constexpr (kLd % kVec<T> == 0) {
-      *reinterpret_cast<uint4*>(dst + i * kLd + j) = v.bits;
-    } else {
-#pragma unroll
-      for (int e = 0; e < kVec<T>; ++e) dst[i * kLd + j + e] = v.elems[e];
-    }
+    copy_vector(dst + i * kLd + j, kLd % kVec<T> == 0, src, src_rows, src_cols, row0 + i,
+                col0 + j);
   });
 }
 
@@ -367,16 +377,7 @@ struct ResidentRows {
     const int vecs_per_row = static_cast<int>(ceil_div(dim, kChunk) * kChunk) / kVec<T>;
     for (int idx = threadIdx.x; idx < kTile * vecs_per_row; idx += kThreads) {
       const int i = idx / vecs_per_row, j = idx % vecs_per_row * kVec<T>;
-      const int64_t r = row0 + i;
-      Vec16<T> v;
-      v.bits = make_uint4(0, 0, 0, 0);
-      if (r < n_rows && j < dim) v.bits = *reinterpret_cast<const uint4*>(src + r * dim + j);
-      if (ld % kVec<T> == 0) {
-        *reinterpret_cast<uint4*>(dst + i * ld + j) = v.bits;
-      } else {
-#pragma unroll
-        for (int e = 0; e < kVec<T>; ++e) dst[i * ld + j + e] = v.elems[e];
-      }
+      copy_vector(dst + i * ld + j, ld % kVec<T> == 0, src, n_rows, dim, row0 + i, j);
     }
   }
 };

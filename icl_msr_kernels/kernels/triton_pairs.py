@@ -149,11 +149,13 @@ def _coefficients(s, valid, lse_r, lse_c, scale_r, scale_c):
 
 @triton.jit
 def _add_rows(ptr, rows, row_mask, D, value, BLOCK_D: tl.constexpr):
-    """ptr[rows] += value over a row-major (n, D) float buffer."""
+    """ptr[rows] += value over a row-major (n, D) float buffer. Read past L1 (".cg"): other
+    programs write the buffer too (triton_symmetric's, within one launch)."""
     d = tl.arange(0, BLOCK_D)
     offsets = rows.to(tl.int64)[:, None] * D + d[None, :]
     mask = row_mask[:, None] & (d[None, :] < D)
-    tl.store(ptr + offsets, tl.load(ptr + offsets, mask=mask, other=0.0) + value, mask=mask)
+    old = tl.load(ptr + offsets, mask=mask, other=0.0, cache_modifier=".cg")
+    tl.store(ptr + offsets, old + value, mask=mask)
 
 
 @triton.jit

@@ -42,8 +42,8 @@ from torch import Tensor
 from .triton_common import (acc_dtype, dot_nt, interpreting, load_tile, on_device_of,
                             traceable, whole_d_blocking)
 from .triton_contrastive import (_mask_weights, _needs_masks, _online_lse, _softmax_weights,
-                                 _term_weights)
-from .triton_pairs import _merge
+                                 _take_positives, _term_weights, _tile_masks)
+from .triton_pairs import _add_rows, _merge
 
 
 @triton.jit
@@ -71,15 +71,6 @@ def _my_work(counters_ptr, n_blocks, segment_tiles):
     i = n_blocks - 1 - ticket % n_blocks
     k0 = segment * segment_tiles
     return i, segment, k0, tl.minimum(k0 + segment_tiles, n_blocks - i)
-
-
-@triton.jit
-def _pair_masks(rows, cols, B):
-    """(valid, is_pos) of a tile of rows x rows: an entry is no candidate on the diagonal; the
-    positive relation is symmetric, so both hold for the tile's rows and columns alike."""
-    valid = (rows[:, None] < B) & (cols[None, :] < B) & (cols[None, :] != rows[:, None])
-    is_pos = valid & (cols[None, :] == (rows[:, None] + B // 2) % B)
-    return valid, is_pos
 
 
 @triton.jit
@@ -168,17 +159,13 @@ def _symmetric_fwd_kernel(
         # column is masked; the others fold every entry.
         if (j * BLOCK + BLOCK > B) | _needs_masks(rows, row_mask, j * BLOCK, j * BLOCK + BLOCK - 1,
                                                   B, 0, False):
-            valid, is_pos = _pair_masks(rows, cols, B)
-            negative = valid & (is_pos == 0)
-            positive = tl.where(is_pos, s_aa, 0.0)
-            pos_base += tl.sum(positive, 1)
-            cpos_base = tl.sum(positive, 0)
-            s_aa = tl.where(negative, s_aa, float("-inf"))
+            # The positive relation is symmetric: the rows' masks serve the columns too.
+            valid, is_pos = _tile_masks(rows, row_mask, cols, col_mask, B, 0, True, False)
+            cpos_base = tl.sum(tl.where(is_pos, s_aa, 0.0), 0)
+            s_aa, pos_base = _take_positives(s_aa, pos_base, valid, is_pos)
             if INT_MODE != 0:
-                positive = tl.where(is_pos, s_int, 0.0)
-                pos_int += tl.sum(positive, 1)
-                cpos_int = tl.sum(positive, 0)
-                s_int = tl.where(negative, s_int, float("-inf"))
+                cpos_int = tl.sum(tl.where(is_pos, s_int, 0.0), 0)
+                s_int, pos_int = _take_positives(s_int, pos_int, valid, is_pos)
         if k == 0:  # the diagonal tile holds both orientations of its pairs: rows only
             m_base, l_base = _online_lse(m_base, l_base, s_aa)
             if INT_MODE != 0:
@@ -202,16 +189,6 @@ def _symmetric_fwd_kernel(
         out += tl.num_programs(0) // n_blocks * B
         tl.store(lse_ptr + out, m_int + tl.log(l_int), mask=row_mask)
         tl.store(pos_ptr + out, pos_int, mask=row_mask)
-
-
-@triton.jit
-def _add_tile(ptr, rows, row_mask, D, value, BLOCK_D: tl.constexpr):
-    """ptr[rows] += value over a row-major (n, D) float buffer others write too."""
-    d = tl.arange(0, BLOCK_D)
-    offsets = rows.to(tl.int64)[:, None] * D + d[None, :]
-    mask = row_mask[:, None] & (d[None, :] < D)
-    old = tl.load(ptr + offsets, mask=mask, other=0.0, cache_modifier=".cg")
-    tl.store(ptr + offsets, old + value, mask=mask)
 
 
 @triton.jit
@@ -262,7 +239,7 @@ def _symmetric_bwd_kernel(
             t_b = _softmax_weights(s_int, lse_r_int, lse_c_int, True, True)
         if (c0 + BLOCK_N > B) | _needs_masks(rows, row_mask, c0, c0 + BLOCK_N - 1, B, 0,
                                              False):
-            valid, is_pos = _pair_masks(rows, cols, B)
+            valid, is_pos = _tile_masks(rows, row_mask, cols, col_mask, B, 0, True, False)
             t_a = _mask_weights(t_a, valid, is_pos, True, True)
             if INT_MODE != 0:
                 t_b = _mask_weights(t_b, valid, is_pos, True, True)
@@ -282,16 +259,16 @@ def _symmetric_bwd_kernel(
                 col_b = tl.dot(tl.trans(t_b_op), b_r, input_precision=PREC,
                                out_dtype=acc_ty)
             _take_turn(col_turn, k - 1)
-            _add_tile(col_a_ptr, cols, col_mask, D, col_a * scale_a, BLOCK_D)
+            _add_rows(col_a_ptr, cols, col_mask, D, col_a * scale_a, BLOCK_D)
             if INT_MODE != 0:
-                _add_tile(col_b_ptr, cols, col_mask, D, col_b * scale_b, BLOCK_D)
+                _add_rows(col_b_ptr, cols, col_mask, D, col_b * scale_b, BLOCK_D)
             _pass_turn(col_turn, k)
     if k1 > k0:  # (an empty segment is followed by empty ones only: nobody waits for it)
         row_turn = counters_ptr + 1 + n_blocks * PIECES + i
         _take_turn(row_turn, segment)
-        _add_tile(row_a_ptr, rows, row_mask, D, acc_a * scale_a, BLOCK_D)
+        _add_rows(row_a_ptr, rows, row_mask, D, acc_a * scale_a, BLOCK_D)
         if INT_MODE != 0:
-            _add_tile(row_b_ptr, rows, row_mask, D, acc_b * scale_b, BLOCK_D)
+            _add_rows(row_b_ptr, rows, row_mask, D, acc_b * scale_b, BLOCK_D)
         _pass_turn(row_turn, segment + 1)
 
 

@@ -174,6 +174,48 @@ template <typename T> struct WmmaElement;
 template <> struct WmmaElement<c10::Half> { using type = __half; };
 template <> struct WmmaElement<c10::BFloat16> { using type = __nv_bfloat16; };
 
+// wmma::load_matrix_sync for an operand fragment in shared memory (every operand here is), said
+// through the .shared state space. The API's loads take generic addresses and leave the compiler
+// to prove them shared: it never does for bfloat16, nor for float16 through the resident rows'
+// pointers, and then each fragment costs four to eight 32-bit generic loads where the same PTX
+// instruction on .shared becomes one or two ldmatrix (LDSM). Same instruction, same fragment
+// registers in the same order as the API's (mma.hpp), only the state space named. The "memory"
+// clobber keeps the loads after the barrier that publishes the tile.
+#define ICL_MSR_WMMA_LOAD4(OPCODE)                                                           \
+  asm volatile(OPCODE " {%0, %1, %2, %3}, [%4], %5;"                                         \
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])                               \
+               : "r"(address), "r"(ld)                                                        \
+               : "memory")
+#define ICL_MSR_WMMA_LOAD8(OPCODE)                                                           \
+  asm volatile(OPCODE " {%0, %1, %2, %3, %4, %5, %6, %7}, [%8], %9;"                         \
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]), "=r"(r[4]), "=r"(r[5]),      \
+                 "=r"(r[6]), "=r"(r[7])                                                       \
+               : "r"(address), "r"(ld)                                                        \
+               : "memory")
+
+template <typename Use, typename E, typename Layout>
+__device__ __forceinline__ void load_shared_fragment(wmma::fragment<Use, 16, 16, 16, E, Layout>& f,
+                                                     const E* p, unsigned ld) {
+  constexpr bool kA = std::is_same_v<Use, wmma::matrix_a>;
+  constexpr bool kRow = std::is_same_v<Layout, wmma::row_major>;
+  constexpr bool kBf16 = std::is_same_v<E, __nv_bfloat16>;
+  static_assert(!kA || kRow, "the products take row-major left operands only");
+  static_assert(sizeof(f.x) == (kBf16 ? 16 : 32), "fragment registers as in mma.hpp");
+  uint32_t* r = reinterpret_cast<uint32_t*>(f.x);
+  const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+  if constexpr (kBf16) {
+    if constexpr (kA) ICL_MSR_WMMA_LOAD4("wmma.load.a.sync.aligned.row.m16n16k16.shared.bf16");
+    else if constexpr (kRow) ICL_MSR_WMMA_LOAD4("wmma.load.b.sync.aligned.row.m16n16k16.shared.bf16");
+    else ICL_MSR_WMMA_LOAD4("wmma.load.b.sync.aligned.col.m16n16k16.shared.bf16");
+  } else {
+    if constexpr (kA) ICL_MSR_WMMA_LOAD8("wmma.load.a.sync.aligned.row.m16n16k16.shared.f16");
+    else if constexpr (kRow) ICL_MSR_WMMA_LOAD8("wmma.load.b.sync.aligned.row.m16n16k16.shared.f16");
+    else ICL_MSR_WMMA_LOAD8("wmma.load.b.sync.aligned.col.m16n16k16.shared.f16");
+  }
+}
+#undef ICL_MSR_WMMA_LOAD4
+#undef ICL_MSR_WMMA_LOAD8
+
 // Tensor-core path (float16, bfloat16 from sm_80): 16x16x16 WMMA fragments, float accumulators.
 // Warp w owns fragment row w / 2 and fragment columns 2 (w % 2) and 2 (w % 2) + 1.
 template <typename T>
@@ -196,12 +238,12 @@ struct WmmaTile {
     using BLayout = std::conditional_t<kBTransposed, wmma::col_major, wmma::row_major>;
     for (int k = 0; k < kk; k += 16) {
       wmma::fragment<wmma::matrix_a, 16, 16, 16, E, wmma::row_major> fa;
-      wmma::load_matrix_sync(fa, a + row0() * lda + k, lda);
+      load_shared_fragment(fa, a + row0() * lda + k, lda);
 #pragma unroll
       for (int f = 0; f < 2; ++f) {
         wmma::fragment<wmma::matrix_b, 16, 16, 16, E, BLayout> fb;
         const E* b_frag = kBTransposed ? b + col0(f) * ldb + k : b + k * ldb + col0(f);
-        wmma::load_matrix_sync(fb, b_frag, ldb);
+        load_shared_fragment(fb, b_frag, ldb);
         wmma::mma_sync(frag[f], fa, fb, frag[f]);
       }
     }
@@ -328,11 +370,8 @@ struct ResidentRows {
   // Under an A100's 163 KiB of shared memory per block, so every supported GPU takes the path.
   static constexpr size_t kMaxKernelBytes = 160 * 1024;
   // Not compiled for float64, whose tiles already fill the shared memory (and the kernels'
-  // registers), nor for float16: its staged fragments load with ldmatrix (1.25 memory
-  // instructions per HMMA on sm_90) and those from the resident rows 32 bits at a time through
-  // generic addresses (1.75), as bfloat16's always do (where holding the rows takes the loop
-  // from 3.5 to 3.25); benchmarks.sass shows both.
-  static constexpr bool kEnabled = sizeof(T) < 8 && !std::is_same_v<T, c10::Half>;
+  // registers).
+  static constexpr bool kEnabled = sizeof(T) < 8;
 
   __host__ __device__ static int ld(int64_t dim) {
     return static_cast<int>(ceil_div(dim, kChunk) * kChunk) + TileLayout<T>::kPad;

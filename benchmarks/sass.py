@@ -116,7 +116,8 @@ class LoopMix:
         return sum(n for op, n in self.counts.items() if op in MMA)
 
 
-_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+# address, guard predicate (optional), opcode, operands
+_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
 
 
 def sass(library: str, arch: str) -> dict[str, list[Instruction]]:
@@ -127,7 +128,9 @@ def sass(library: str, arch: str) -> dict[str, list[Instruction]]:
     kernels = {}
     for name, body in zip(parts[1::2], parts[2::2]):
         instructions = []
-        for address, opcode, operands in _LINE.findall(body):
+        for address, guard, opcode, operands in _LINE.findall(body):
+            if guard.strip() == "@!PT":
+                continue  # never executes: padding ptxas puts beside LDGSTS
             target = None
             if opcode.startswith("BRA"):
                 found = re.search(r"0x([0-9a-f]+)", operands)

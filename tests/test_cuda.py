@@ -127,20 +127,28 @@ def test_half_precision_kernels_stage_operands_16_bytes_at_a_time():
 
 def test_tensor_core_fragments_load_with_ldmatrix():
     """The operand fragments of every float16/bfloat16 product loop load from shared memory with
-    ldmatrix (LDSM), never through generic addresses (LD, four to eight per fragment), and the
-    contrastive kernels' logit products spend at most 1.25 memory instructions per MMA."""
+    ldmatrix (LDSM), never through generic addresses (LD, four to eight per fragment); the
+    contrastive kernels' logit products spend at most 1.25 memory instructions per MMA, and with
+    the owned rows held they copy the swept chunk asynchronously (LDGSTS, double-buffered),
+    with no register round trip (LDG + STS)."""
     from benchmarks import sass
 
     code = sass.sass(_built_library(), "sm_90")
     for name, instructions in code.items():
         if "<BFloat16>" not in name and "<Half>" not in name:
             continue
-        for loop in sass.mma_loops(instructions):
+        loops = sass.mma_loops(instructions)
+        for loop in loops:
             where = f"{name}, loop 0x{loop.start:x}: {dict(loop.counts)}"
             assert not any(loop.counts[op] for op in sass.GENERIC), where
             assert loop.counts["LDSM"] > 0, where
             if name.startswith("contrastive_"):
                 assert loop.memory <= 1.25 * loop.mma, where
+        if name.startswith("contrastive_"):
+            asynchronous = [loop for loop in loops if loop.counts["LDGSTS"]]
+            assert asynchronous, f"{name}: no product loop copies with cp.async"
+            assert all(not loop.counts["LDG"] and not loop.counts["STS"]
+                       for loop in asynchronous), name
 
 
 # ---------------------------------------------------------------------------------------------

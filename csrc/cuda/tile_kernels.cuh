@@ -30,6 +30,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 #include "tile_math.h"
 
@@ -335,6 +336,38 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t src_rows
   });
 }
 
+// load_tile without waiting, for 16-bit types from sm_80: cp.async 16-byte copies (one LDGSTS
+// each, no registers), committed as one group that wait_async_tiles<n>() then waits for, so the
+// copy of the next chunk overlaps the products of this one. A vector outside the matrix reads
+// nothing (source size 0) and is zero-filled; its source address is the matrix's first element,
+// a valid one.
+template <typename T>
+constexpr bool kAsyncTiles = sizeof(T) == 2 && kTensorCoreArch;
+
+template <int kRows, int kCols, int kLd, typename T>
+__device__ __forceinline__ void load_tile_async(T* dst, const T* src, int64_t src_rows,
+                                                int64_t src_cols, int64_t row0, int64_t col0) {
+  static_assert(kAsyncTiles<T> && kLd % kVec<T> == 0, "cp.async writes whole aligned vectors");
+  for_each_vector<kRows, kCols, T>([&](int i, int j) {
+    const int64_t r = row0 + i, c = col0 + j;
+    const bool inside = r < src_rows && c < src_cols;
+    const T* from = inside ? src + r * src_cols + c : src;
+    const uint32_t to = static_cast<uint32_t>(__cvta_generic_to_shared(dst + i * kLd + j));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
+                 :
+                 : "r"(to), "l"(from), "r"(inside ? 16 : 0)
+                 : "memory");
+  });
+  asm volatile("cp.async.commit_group;" ::: "memory");
+}
+
+// Waits until at most kPending of this thread's load_tile_async groups are in flight; a
+// barrier after it makes every thread's copies visible to the CTA.
+template <int kPending>
+__device__ __forceinline__ void wait_async_tiles() {
+  asm volatile("cp.async.wait_group %0;" : : "n"(kPending) : "memory");
+}
+
 // The inverse of load_tile for the part of the tile inside the matrix.
 template <int kRows, int kCols, int kLd, typename T>
 __device__ __forceinline__ void store_tile(T* dst, int64_t dst_rows, int64_t dst_cols,
@@ -429,7 +462,31 @@ __device__ __forceinline__ void tile_product(TileAcc<T>& acc, const TileSmem<T>&
                              int64_t col0, int64_t dim, bool held = false,
                              const T* resident = nullptr, int ld_resident = 0) {
   using L = TileLayout<T>;
-  if constexpr (ResidentRows<T>::kEnabled) {
+  if constexpr (kAsyncTiles<T> && ResidentRows<T>::kEnabled) {
+    // Double-buffered: the rows' chunk buffer is free while the rows are held, so the swept
+    // side alternates between the two chunk buffers, the next chunk copied during the
+    // products of this one. The barrier closing each step lets the next step's copy overwrite
+    // the buffer this one read.
+    if (held) {
+      T* current = sm.chunk_cols;
+      T* next = sm.chunk_rows;  // swapped by value: an indexed pair would live in local memory
+      load_tile_async<kTile, kChunk, L::kLdChunk>(current, cols, n_cols, dim, col0, 0);
+      for (int64_t k0 = 0; k0 < dim; k0 += kChunk, std::swap(current, next)) {
+        if (k0 + kChunk < dim) {
+          load_tile_async<kTile, kChunk, L::kLdChunk>(next, cols, n_cols, dim, col0,
+                                                      k0 + kChunk);
+          wait_async_tiles<1>();
+        } else {
+          wait_async_tiles<0>();
+        }
+        __syncthreads();
+        acc.template mma</*kBTransposed=*/true>(resident + k0, ld_resident, current, L::kLdChunk,
+                                                kChunk);
+        __syncthreads();
+      }
+      return;
+    }
+  } else if constexpr (ResidentRows<T>::kEnabled) {
     if (held) {  // two loops rather than a branch in one: both straight-line
       for (int64_t k0 = 0; k0 < dim; k0 += kChunk) {
         load_tile<kTile, kChunk, L::kLdChunk>(sm.chunk_cols, cols, n_cols, dim, col0, k0);

@@ -196,9 +196,8 @@ __global__ void __launch_bounds__(kThreads, 1) contrastive_backward_kernel(
   slab_a += split * n_own * dim_a;
   slab_b += split * n_own * dim_b;
   const int64_t d0 = int64_t(blockIdx.z) * kGradChunks<T> * kTile;
-  RowGradient<T> grad_a, grad_b;
-  grad_a.zero();
-  grad_b.zero();
+  RowGradients<T> grads;
+  grads.zero();
 
   const int p = tile_row();
   const int64_t own = own0 + p;
@@ -221,14 +220,18 @@ __global__ void __launch_bounds__(kThreads, 1) contrastive_backward_kernel(
                        dim_b, combine, resident);
     __syncthreads();
 
+    const typename RowGradients<T>::Swept swept(swept_a, dim_a, swept_b, dim_b,
+                                                combine != kCombineNone, n_swept, swept0, d0);
+    RowGradients<T>::begin(sm, swept);
     store_tile_coefficients(sm, roles, own, n_own, swept0, n_swept, own_lse, upstream, terms);
-    grad_a.accumulate(sm, sm.coef[0], swept_a, n_swept, swept0, dim_a, d0);
-    if (combine != kCombineNone)
-      grad_b.accumulate(sm, sm.coef[1], swept_b, n_swept, swept0, dim_b, d0);
+    const T* const coef[2] = {sm.coef[0], sm.coef[1]};
+    grads.accumulate(sm, coef, swept);
     __syncthreads();  // the next tile overwrites the statistics, logits and coefficients
   }
-  grad_a.store(sm, slab_a, n_own, own0, dim_a, d0);
-  if (combine != kCombineNone) grad_b.store(sm, slab_b, n_own, own0, dim_b, d0);
+  accum_t<T>* const slabs[2] = {slab_a, slab_b};
+  grads.store(sm, slabs, n_own, own0,
+              typename RowGradients<T>::Swept(swept_a, dim_a, swept_b, dim_b,
+                                              combine != kCombineNone, n_swept, 0, d0));
 }
 
 const void* data_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }

@@ -10,7 +10,7 @@
 //   3. in the passes that produce (B, D)-shaped results, multiplies the coefficient tile by the
 //      swept entities' features and adds that to the owned rows of a float "slab" in global
 //      memory (tile_accumulate), or, in the contrastive backward, to accumulators held in
-//      registers for the whole sweep and stored to the slab once (RowGradient). The CTA owns
+//      registers for the whole sweep and stored to the slab once (RowGradients). The CTA owns
 //      those slab rows, so no atomics are needed; when the sweep is split over several CTAs
 //      (split_sweep), each split has its own slab and the slabs are summed in a fixed order
 //      afterwards. Results are therefore bit-identical run to run.
@@ -539,52 +539,126 @@ __device__ __forceinline__ void tile_accumulate(const TileSmem<T>& sm, accum_t<T
   }
 }
 
-// Step 3 with the owned rows' results in registers for the whole sweep: kGradChunks kTile-wide
-// feature chunks from feature d0 (the kernel's feature group), written to the slab once at the
-// end, so a swept tile costs no slab traffic. (Four chunks cover D = 256 in 128 accumulator
-// registers per thread for the a and b gradients together; float64 takes two.)
+// Step 3 with the owned rows' results in registers for the whole sweep: the gradients of the a
+// and b features, each in kGradChunks kTile-wide feature chunks from feature d0 (the kernel's
+// feature group), written to the slab once at the end, so a swept tile costs no slab traffic.
+// (Four chunks cover D = 256 in 128 accumulator registers per thread for a and b together;
+// float64 takes two.)
 template <typename T>
 constexpr int kGradChunks = sizeof(accum_t<T>) == 8 ? 2 : 4;
 
 template <typename T>
-struct RowGradient {
+struct RowGradients {
   using L = TileLayout<T>;
-  TileAcc<T> acc[kGradChunks<T>];
+  TileAcc<T> acc[2][kGradChunks<T>];  // [a, b][feature chunk]
+
+  // The swept features of one tile: a's, then b's (none when chunks_b is 0), each in the
+  // kTile-wide chunks of the feature group that fall inside its width. A tile's products take
+  // the chunks in that order, "position" 0, 1, ... across both.
+  // (Members by name and selected with ?:, not arrays: a runtime index would put an array in
+  // local memory.)
+  struct Swept {
+    const T* a;
+    const T* b;
+    int64_t dim_a, dim_b;
+    int chunks_a, chunks_b;
+    int64_t n_swept, swept0, d0;
+
+    __device__ Swept(const T* a_, int64_t dim_a_, const T* b_, int64_t dim_b_, bool with_b,
+                     int64_t n_swept_, int64_t swept0_, int64_t d0_)
+        : a(a_), b(b_), dim_a(dim_a_), dim_b(dim_b_), chunks_a(chunks_inside(dim_a_, d0_)),
+          chunks_b(with_b ? chunks_inside(dim_b_, d0_) : 0), n_swept(n_swept_),
+          swept0(swept0_), d0(d0_) {}
+    __device__ static int chunks_inside(int64_t dim, int64_t d0) {
+      return dim > d0 ? static_cast<int>(std::min<int64_t>(ceil_div(dim - d0, kTile),
+                                                           kGradChunks<T>))
+                      : 0;
+    }
+    __device__ const T* features(int g) const { return g == 0 ? a : b; }
+    __device__ int64_t dim(int g) const { return g == 0 ? dim_a : dim_b; }
+    __device__ int chunks(int g) const { return g == 0 ? chunks_a : chunks_b; }
+    __device__ int count() const { return chunks_a + chunks_b; }
+  };
 
   __device__ __forceinline__ void zero() {
 #pragma unroll
-    for (int c = 0; c < kGradChunks<T>; ++c) acc[c].zero();
+    for (int g = 0; g < 2; ++g)
+#pragma unroll
+      for (int c = 0; c < kGradChunks<T>; ++c) acc[g][c].zero();
   }
 
-  // this += coef · value[swept0 : swept0 + kTile, d0 : d0 + kGradChunks * kTile], features past
-  // dim skipped. coef: the owned x swept tile the elementwise phase wrote (leading dimension
-  // kLdCoef); the first barrier here publishes it.
-  __device__ __forceinline__ void accumulate(const TileSmem<T>& sm, const T* coef,
-                                             const T* value, int64_t n_swept, int64_t swept0,
-                                             int64_t dim, int64_t d0) {
-#pragma unroll
-    for (int c = 0; c < kGradChunks<T>; ++c) {
-      const int64_t d = d0 + c * kTile;
-      if (d >= dim) break;
-      load_tile<kTile, kTile, L::kLdValue>(sm.values, value, n_swept, dim, swept0, d);
-      __syncthreads();
-      acc[c].template mma<false>(coef, L::kLdCoef, sm.values, L::kLdValue, kTile);
-      __syncthreads();
+  // Copies the swept features at `position` into its buffer: asynchronously for 16-bit types,
+  // which alternate between sm.values and the slab stage (free during the sweep), so that the
+  // next chunk is in flight during this one's products, and the first during the coefficient
+  // phase (begin); in place, one at a time, for the wider types.
+  __device__ __forceinline__ static T* buffer(const TileSmem<T>& sm, int position) {
+    if constexpr (kAsyncTiles<T>) {
+      static_assert(kTile * L::kLdValue * sizeof(T) <= kTile * L::kLdTile * sizeof(accum_t<T>),
+                    "a value tile fits in the stage");
+      if (position % 2 == 0) return reinterpret_cast<T*>(sm.stage);
     }
+    return sm.values;
+  }
+  __device__ __forceinline__ static void load(const TileSmem<T>& sm, const Swept& s,
+                                              int position) {
+    const int g = position < s.chunks_a ? 0 : 1;
+    const int64_t d = s.d0 + (position - g * s.chunks_a) * kTile;
+    if constexpr (kAsyncTiles<T>)
+      load_tile_async<kTile, kTile, L::kLdValue>(buffer(sm, position), s.features(g),
+                                                 s.n_swept, s.dim(g), s.swept0, d);
+    else
+      load_tile<kTile, kTile, L::kLdValue>(buffer(sm, position), s.features(g), s.n_swept,
+                                           s.dim(g), s.swept0, d);
   }
 
-  // slab[own0 : own0 + kTile, d0 : d0 + kGradChunks * kTile] = this, inside n_own x dim.
-  __device__ __forceinline__ void store(const TileSmem<T>& sm, accum_t<T>* slab, int64_t n_own,
-                                        int64_t own0, int64_t dim, int64_t d0) const {
+  // Before the coefficient phase of a tile (after its logits): starts the first copy.
+  __device__ __forceinline__ static void begin(const TileSmem<T>& sm, const Swept& s) {
+    if constexpr (kAsyncTiles<T>)
+      if (s.count() > 0) load(sm, s, 0);
+  }
+
+  // this[g] += coef[g] · the swept chunks of gradient g. coef: the owned x swept tiles the
+  // coefficient phase wrote (leading dimension kLdCoef); the first barrier here publishes them.
+  // Ends with a barrier, after which the buffers may be overwritten.
+  __device__ __forceinline__ void accumulate(const TileSmem<T>& sm, const T* const coef[2],
+                                             const Swept& s) {
 #pragma unroll
-    for (int c = 0; c < kGradChunks<T>; ++c) {
-      const int64_t d = d0 + c * kTile;
-      if (d >= dim) break;
-      acc[c].store(sm.stage, L::kLdTile);
-      __syncthreads();
-      store_tile<kTile, kTile, L::kLdTile>(slab, n_own, dim, own0, d, sm.stage);
-      __syncthreads();
-    }
+    for (int g = 0; g < 2; ++g)
+#pragma unroll
+      for (int c = 0; c < kGradChunks<T>; ++c) {
+        if (c >= s.chunks(g)) break;
+        const int position = g * s.chunks_a + c;
+        if constexpr (kAsyncTiles<T>) {
+          if (position + 1 < s.count()) {
+            load(sm, s, position + 1);
+            wait_async_tiles<1>();
+          } else {
+            wait_async_tiles<0>();
+          }
+        } else {
+          load(sm, s, position);
+        }
+        __syncthreads();
+        acc[g][c].template mma<false>(coef[g], L::kLdCoef, buffer(sm, position), L::kLdValue,
+                                      kTile);
+        __syncthreads();
+      }
+  }
+
+  // slab[g][own0 : own0 + kTile, d0 : d0 + kGradChunks * kTile] = this[g], inside n_own x dim.
+  __device__ __forceinline__ void store(const TileSmem<T>& sm, accum_t<T>* const slab[2],
+                                        int64_t n_own, int64_t own0, const Swept& s) const {
+#pragma unroll
+    for (int g = 0; g < 2; ++g)
+#pragma unroll
+      for (int c = 0; c < kGradChunks<T>; ++c) {
+        if (c >= s.chunks(g)) break;
+        const int64_t d = s.d0 + c * kTile;
+        acc[g][c].store(sm.stage, L::kLdTile);
+        __syncthreads();
+        store_tile<kTile, kTile, L::kLdTile>(slab[g], n_own, s.dim(g), own0, d, sm.stage);
+        __syncthreads();
+      }
   }
 };
 

@@ -27,6 +27,12 @@ Options (read at every call, so they may be changed at run time):
 - ``ICL_MSR_TRITON_SWEEP`` / `set_sweep`: how a single-process contrastive problem is swept,
   "full" (default) or "symmetric" (see there).
 
+The contrastive kernels take their exponentials in base 2: e^(s - m) = 2^(s log2(e) - m2)
+with the shift m2 = m log2(e) kept per row (running maxima are held in these units), so a tile
+entry costs one fused multiply-add and one ex2 where exp(s - m) costs a subtraction, a multiply
+and the ex2. Log-sum-exps leave the kernels in natural units, (m2 + log2 l) ln 2, formed with
+the same m2 the sums were taken against.
+
 Every kernel writes each output element from exactly one program and uses no atomics on data
 (the symmetric sweep adds to shared buffers in an order fixed by turn counters), so results are
 bit-identical run to run for a given tile configuration (docs/math.md §4). Autotuning
@@ -72,6 +78,17 @@ _fp32_precision = os.environ.get("ICL_MSR_TRITON_FP32_PRECISION", "ieee")
 _autotune = os.environ.get("ICL_MSR_TRITON_AUTOTUNE", "1") != "0"
 _SWEEPS = ("full", "symmetric")
 _sweep = os.environ.get("ICL_MSR_TRITON_SWEEP", "full")
+
+
+# Python floats as constexprs keep their double precision in float64 kernels.
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def natural_lse(m2, l):
+    """log(sum) in natural units of running (max, sum) kept in base 2: -inf when l is 0."""
+    return (m2 + tl.log2(l)) * LN2
 
 
 @triton.jit

@@ -26,11 +26,9 @@ and exactly 0 without negatives.
 
 Only the tiles that are partial or hold some row's own or positive column apply the masks (and
 look for the positive logits); the others, nearly all of a large problem, fold every entry.
-The exponentials stay exp(s - ref) rather than exp2 of log2(e)-scaled logits: folding log2(e)
-into the logits rounds the scaled reference (|ref| up to 1/tau) to float32, an error of ~1e-4 in
-the exponent at tau = 1e-3, which the positive's p - 1 (near 0 when the positive dominates)
-cannot absorb within the float32 tolerance (docs/math.md §5); Triton's exp is one multiply and
-an ex2 already.
+Exponentials are base 2 (`triton_common`): 2^(s log2(e) - m2), one FMA and one ex2 an entry.
+The logit itself is never rounded after scaling (the FMA rounds once, the difference), so at
+tau = 1e-3, where |s| reaches 1000, the float32 error stays that of exp(s - m).
 
 One contrastive problem has only B / BLOCK row blocks, so both sweeps are also split over
 segments of the swept side (`segment_length`): each program writes partial results (a
@@ -45,20 +43,20 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_common import (TunedKernel, acc_dtype, check_inputs, define_op, dot_nt,
-                            dot_precision, get_sweep, load_tile, on_device_of, segment_length,
-                            store_tile, uses_fma, whole_d_blocking)
+from .triton_common import (LOG2E, TunedKernel, acc_dtype, check_inputs, define_op, dot_nt,
+                            dot_precision, get_sweep, load_tile, natural_lse, on_device_of,
+                            segment_length, store_tile, uses_fma, whole_d_blocking)
 
 
 @triton.jit
 def _online_lse(m, l, s):
     """Fold a (rows, cols) tile of logits (-inf where an entry is no negative) into each row's
-    running max and sum of exponentials."""
-    m_new = tl.maximum(m, tl.max(s, 1))
+    running max (in base-2 units) and sum of exponentials."""
+    m_new = tl.maximum(m, tl.max(s, 1) * LOG2E)
     # A row may have no valid column yet (its segment's first tiles held only its own column):
-    # shift by 0 then, so that exp(-inf - -inf) never makes a NaN.
+    # shift by 0 then, so that exp2(-inf - -inf) never makes a NaN.
     shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    l = l * tl.exp(m - shift) + tl.sum(tl.exp(s - shift[:, None]), 1)
+    l = l * tl.exp2(m - shift) + tl.sum(tl.exp2(s * LOG2E - shift[:, None]), 1)
     return m_new, l
 
 
@@ -147,11 +145,11 @@ def _ntxent_fwd_kernel(
             m_int, l_int = _online_lse(m_int, l_int, s_int)
 
     out = segment * B + rows
-    tl.store(lse_ptr + out, m_base + tl.log(l_base), mask=row_mask)
+    tl.store(lse_ptr + out, natural_lse(m_base, l_base), mask=row_mask)
     tl.store(pos_ptr + out, pos_base, mask=row_mask)
     if INT_MODE != 0:
         out += segments * B
-        tl.store(lse_ptr + out, m_int + tl.log(l_int), mask=row_mask)
+        tl.store(lse_ptr + out, natural_lse(m_int, l_int), mask=row_mask)
         tl.store(pos_ptr + out, pos_int, mask=row_mask)
 
 
@@ -160,9 +158,9 @@ def _softmax_weights(s, lse_own, lse_swept, OWNER_ROWS: tl.constexpr, SWEPT_ROWS
     """B·(G_os + G_so) before the masks, for the sides that are rows: the softmax weights."""
     p = tl.zeros(s.shape, s.dtype)
     if OWNER_ROWS:
-        p += tl.exp(s - lse_own[:, None])
+        p += tl.exp2(s * LOG2E - (lse_own * LOG2E)[:, None])
     if SWEPT_ROWS:
-        p += tl.exp(s - lse_swept[None, :])
+        p += tl.exp2(s * LOG2E - (lse_swept * LOG2E)[None, :])
     return p
 
 

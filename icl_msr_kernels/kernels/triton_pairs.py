@@ -28,18 +28,19 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_common import (acc_dtype, check_inputs, define_op, dot_precision, interpreting,
-                            load_tile, on_device_of)
+from .triton_common import (LN2, LOG2E, acc_dtype, check_inputs, define_op, dot_precision,
+                            interpreting, load_tile, on_device_of)
 
 _COMBINE_CODES = {"none": 0, "concat": 1, "add": 2}
 
 
 @triton.jit
 def _merge(m_old, l_old, m_new_part, l_new_part):
-    """(max, sum) merged with another (max, sum); -inf maxima (nothing seen) stay harmless."""
+    """(max, sum) merged with another (max, sum), maxima in base-2 units; -inf maxima (nothing
+    seen) stay harmless."""
     m = tl.maximum(m_old, m_new_part)
     shift = tl.where(m == float("-inf"), 0.0, m)
-    return m, l_old * tl.exp(m_old - shift) + l_new_part * tl.exp(m_new_part - shift)
+    return m, l_old * tl.exp2(m_old - shift) + l_new_part * tl.exp2(m_new_part - shift)
 
 
 @triton.jit
@@ -65,9 +66,9 @@ def _logits(a_r, a_c, b_r, b_c, INT_MODE: tl.constexpr, PREC: tl.constexpr):
 def _fold_columns(max_ptr, sum_ptr, cols, col_mask, s, valid):
     """Merge a tile's column statistics into the running ones of its columns (global)."""
     s = tl.where(valid, s, float("-inf"))
-    m_tile = tl.max(s, 0)
+    m_tile = tl.max(s, 0) * LOG2E
     shift = tl.where(m_tile == float("-inf"), 0.0, m_tile)
-    l_tile = tl.sum(tl.exp(s - shift[None, :]), 0)
+    l_tile = tl.sum(tl.exp2(s * LOG2E - shift[None, :]), 0)
     m_old = tl.load(max_ptr + cols, mask=col_mask, other=float("-inf"))
     l_old = tl.load(sum_ptr + cols, mask=col_mask, other=0.0)
     m, l = _merge(m_old, l_old, m_tile, l_tile)
@@ -78,9 +79,9 @@ def _fold_columns(max_ptr, sum_ptr, cols, col_mask, s, valid):
 @triton.jit
 def _fold_rows(s, valid, m, l):
     s = tl.where(valid, s, float("-inf"))
-    m_tile = tl.max(s, 1)
+    m_tile = tl.max(s, 1) * LOG2E
     shift = tl.where(m_tile == float("-inf"), 0.0, m_tile)
-    return _merge(m, l, m_tile, tl.sum(tl.exp(s - shift[:, None]), 1))
+    return _merge(m, l, m_tile, tl.sum(tl.exp2(s * LOG2E - shift[:, None]), 1))
 
 
 @triton.jit
@@ -143,7 +144,8 @@ def _pairs_fwd_kernel(
 @triton.jit
 def _coefficients(s, valid, lse_r, lse_c, scale_r, scale_c):
     """s_r exp(l - lse_r) + s_c exp(l - lse_c) on the negatives, 0 elsewhere."""
-    t = scale_r[:, None] * tl.exp(s - lse_r[:, None]) + scale_c[None, :] * tl.exp(s - lse_c[None, :])
+    t = (scale_r[:, None] * tl.exp2(s * LOG2E - (lse_r * LOG2E)[:, None])
+         + scale_c[None, :] * tl.exp2(s * LOG2E - (lse_c * LOG2E)[None, :]))
     return tl.where(valid, t, 0.0)
 
 
@@ -269,7 +271,8 @@ def contrastive_pairs_forward(a: Tensor, b: Optional[Tensor], block_starts: Tens
                 a, b, starts, pair_list[begin:], neg_max, neg_sum, M, D, db, group_rows,
                 INT_MODE=mode, FP64=a.dtype == torch.float64, PREC=precision, BLOCK=block,
                 BLOCK_D=block_d, BLOCK_DB=block_db)
-    return neg_max, neg_sum
+    # The kernels keep the maxima in base-2 units; the op's are natural, like the sums' shift.
+    return neg_max.mul_(LN2.value), neg_sum
 
 
 @define_op("contrastive_pairs_backward")

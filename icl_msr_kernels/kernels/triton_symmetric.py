@@ -39,8 +39,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_common import (acc_dtype, dot_nt, interpreting, load_tile, on_device_of,
-                            traceable, whole_d_blocking)
+from .triton_common import (LN2, LOG2E, acc_dtype, dot_nt, interpreting, load_tile,
+                            natural_lse, on_device_of, traceable, whole_d_blocking)
 from .triton_contrastive import (_mask_weights, _needs_masks, _online_lse, _softmax_weights,
                                  _take_positives, _term_weights, _tile_masks)
 from .triton_pairs import _add_rows, _merge
@@ -76,28 +76,29 @@ def _my_work(counters_ptr, n_blocks, segment_tiles):
 @triton.jit
 def _fold_both(s, m, l, SPAN: tl.constexpr):
     """Fold a tile of negatives (-inf elsewhere) into its rows' running (m, l) and return them
-    with the column side's (shift, sum): one exponential per entry, shifted by the tile's
-    maximum, unless a row or column with entries lies more than SPAN below it (its sum would
-    lose its precision), then with a shift per row and per column."""
+    with the column side's (shift, sum), shifts in base-2 units: one exponential per entry,
+    shifted by the tile's maximum, unless a row or column with entries lies more than SPAN
+    (natural units) below it (its sum would lose its precision), then with a shift per row and
+    per column."""
     row_max = tl.max(s, 1)
     col_max = tl.max(s, 0)
     top = tl.max(row_max, 0)
     far = (tl.sum(((row_max > float("-inf")) & (row_max < top - SPAN)).to(tl.int32), 0)
            + tl.sum(((col_max > float("-inf")) & (col_max < top - SPAN)).to(tl.int32), 0))
     if far == 0:
-        ref = tl.where(top == float("-inf"), 0.0, top)
-        e = tl.exp(s - ref)
+        ref = tl.where(top == float("-inf"), 0.0, top * LOG2E)
+        e = tl.exp2(s * LOG2E - ref)
         row_shift = tl.where(row_max == float("-inf"), float("-inf"), ref)
         col_shift = tl.where(col_max == float("-inf"), float("-inf"), ref)
         row_sum = tl.sum(e, 1)
         col_sum = tl.sum(e, 0)
     else:
-        row_ref = tl.where(row_max == float("-inf"), 0.0, row_max)
-        col_ref = tl.where(col_max == float("-inf"), 0.0, col_max)
-        row_shift = row_max
-        col_shift = col_max
-        row_sum = tl.sum(tl.exp(s - row_ref[:, None]), 1)
-        col_sum = tl.sum(tl.exp(s - col_ref[None, :]), 0)
+        row_shift = row_max * LOG2E
+        col_shift = col_max * LOG2E
+        row_ref = tl.where(row_max == float("-inf"), 0.0, row_shift)
+        col_ref = tl.where(col_max == float("-inf"), 0.0, col_shift)
+        row_sum = tl.sum(tl.exp2(s * LOG2E - row_ref[:, None]), 1)
+        col_sum = tl.sum(tl.exp2(s * LOG2E - col_ref[None, :]), 0)
     m, l = _merge(m, l, row_shift, row_sum)
     return m, l, col_shift, col_sum
 
@@ -183,11 +184,11 @@ def _symmetric_fwd_kernel(
             _pass_turn(counters_ptr + 1 + j, k)
 
     out = segment * B + rows
-    tl.store(lse_ptr + out, m_base + tl.log(l_base), mask=row_mask)
+    tl.store(lse_ptr + out, natural_lse(m_base, l_base), mask=row_mask)
     tl.store(pos_ptr + out, pos_base, mask=row_mask)
     if INT_MODE != 0:
         out += tl.num_programs(0) // n_blocks * B
-        tl.store(lse_ptr + out, m_int + tl.log(l_int), mask=row_mask)
+        tl.store(lse_ptr + out, natural_lse(m_int, l_int), mask=row_mask)
         tl.store(pos_ptr + out, pos_int, mask=row_mask)
 
 
@@ -328,7 +329,8 @@ def forward(a: Tensor, b: Optional[Tensor], mode: int, precision: str,
             a, b if mode else a, counters, lse_parts, pos_parts, col_max, col_sum, col_pos,
             B, D, n_blocks, segment_tiles, INT_MODE=mode, FP64=a.dtype == torch.float64,
             PREC=precision, BLOCK_D=block_d, BLOCK=block, num_warps=warps, num_stages=stages)
-    col_lse = col_max + torch.log(col_sum)  # -inf where a row had no negative in a column
+    # -inf where a row had no negative in a column; the maxima are in base-2 units
+    col_lse = (col_max + torch.log2(col_sum)) * LN2.value
     negatives_lse = torch.logsumexp(torch.cat([lse_parts, col_lse[:, None]], dim=1), dim=1)
     return negatives_lse, pos_parts.sum(dim=1) + col_pos
 

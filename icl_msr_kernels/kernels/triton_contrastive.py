@@ -27,8 +27,8 @@ and exactly 0 without negatives.
 Only the tiles that are partial or hold some row's own or positive column apply the masks (and
 look for the positive logits); the others, nearly all of a large problem, fold every entry.
 Exponentials are base 2 (`triton_common`): 2^(s log2(e) - m2), one FMA and one ex2 an entry.
-The logit itself is never rounded after scaling (the FMA rounds once, the difference), so at
-tau = 1e-3, where |s| reaches 1000, the float32 error stays that of exp(s - m).
+Compiled, the FMA rounds only the difference, so at tau = 1e-3, where |s| reaches 1000, the
+float32 error stays that of exp(s - m).
 
 One contrastive problem has only B / BLOCK row blocks, so both sweeps are also split over
 segments of the swept side (`segment_length`): each program writes partial results (a

@@ -50,6 +50,16 @@ template <typename T> using accum_t = typename Accum<T>::type;
 
 __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Dynamic shared memory a block may have on the current GPU (the opt-in maximum).
+// (Plain runtime calls: ATen/cuda/CUDAContext.h would pull in cuSPARSE/cuBLAS headers, which a
+// bare CUDA toolkit may lack.)
+inline size_t shared_memory_limit() {
+  int device = 0, limit = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return static_cast<size_t>(limit);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Shared memory. One layout per scalar type, carved out of the dynamic shared memory:
 //   stats    [kStats][kTile] accum    per-swept-entity statistics of the tile (lse, delta, prior)
@@ -58,7 +68,9 @@ __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + 
 //   logits   2 x [kTile][kLdTile] accum  the product tiles
 //   coef     2 x [kTile][kLdCoef] T   coefficient tiles, the left operand of step 3: stored in T
 //            for the tensor cores, or written over the logits when T is the accumulation type
-//   stage    [kTile][kLdTile] accum   the slab rows being accumulated in step 3
+//   stage    [kTile][kLdTile] accum   the slab rows being accumulated in step 3 (in the
+//            contrastive backward, whose rows stay in registers, a second buffer of swept
+//            features until the final store: RowGradients)
 template <typename T>
 struct TileLayout {
   using A = accum_t<T>;
@@ -339,8 +351,8 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t src_rows
 // load_tile without waiting, for 16-bit types from sm_80: cp.async 16-byte copies (one LDGSTS
 // each, no registers), committed as one group that wait_async_tiles<n>() then waits for, so the
 // copy of the next chunk overlaps the products of this one. A vector outside the matrix reads
-// nothing (source size 0) and is zero-filled; its source address is the matrix's first element,
-// a valid one.
+// nothing (source size 0) and is zero-filled; its source address is then the matrix's start,
+// so that no address past the matrix is ever formed.
 template <typename T>
 constexpr bool kAsyncTiles = sizeof(T) == 2 && kTensorCoreArch;
 
@@ -400,7 +412,7 @@ struct ResidentRows {
   int ld_a = 0, ld_b = 0;
   bool held = false;
 
-  // Under an A100's 163 KiB of shared memory per block, so every supported GPU takes the path.
+  // At most 160 KiB (under an A100's 163), and what the GPU allows: 99 KiB on sm_86/89/120.
   static constexpr size_t kMaxKernelBytes = 160 * 1024;
   // Not compiled for float64, whose tiles already fill the shared memory (and the kernels'
   // registers).
@@ -412,11 +424,12 @@ struct ResidentRows {
   __host__ __device__ static size_t bytes(int64_t dim) {
     return dim > 0 ? TileLayout<T>::aligned(size_t(kTile) * ld(dim) * sizeof(T)) : 0;
   }
-  // Shared memory the resident rows take beyond a kernel's `base` bytes: 0 when they would not
-  // fit (or for float64, whose tiles already fill it). dim_b is 0 without b.
+  // Shared memory the resident rows take beyond a kernel's `base` bytes on the current GPU: 0
+  // when they would not fit (or for float64, whose tiles already fill it). dim_b is 0 without b.
   static size_t extra_bytes(size_t base, int64_t dim_a, int64_t dim_b) {
     const size_t extra = bytes(dim_a) + bytes(dim_b);
-    return kEnabled && base + extra <= kMaxKernelBytes ? extra : 0;
+    return kEnabled && base + extra <= std::min(kMaxKernelBytes, shared_memory_limit()) ? extra
+                                                                                     : 0;
   }
 
   // Stage rows row0 .. row0 + kTile of a (and b) into `region` (the `extra_bytes` after the
@@ -462,6 +475,7 @@ __device__ __forceinline__ void tile_product(TileAcc<T>& acc, const TileSmem<T>&
                              int64_t col0, int64_t dim, bool held = false,
                              const T* resident = nullptr, int ld_resident = 0) {
   using L = TileLayout<T>;
+  if (dim <= 0) return;  // (and no copy left in flight unwaited)
   if constexpr (kAsyncTiles<T> && ResidentRows<T>::kEnabled) {
     // Double-buffered: the rows' chunk buffer is free while the rows are held, so the swept
     // side alternates between the two chunk buffers, the next chunk copied during the
@@ -587,10 +601,10 @@ struct RowGradients {
       for (int c = 0; c < kGradChunks<T>; ++c) acc[g][c].zero();
   }
 
-  // Copies the swept features at `position` into its buffer: asynchronously for 16-bit types,
-  // which alternate between sm.values and the slab stage (free during the sweep), so that the
-  // next chunk is in flight during this one's products, and the first during the coefficient
-  // phase (begin); in place, one at a time, for the wider types.
+  // Copies the swept features at `position` into its buffer: asynchronously where cp.async
+  // exists (16-bit types from sm_80), alternating between sm.values and the slab stage (free
+  // during the sweep), so that the next chunk is in flight during this one's products, and the
+  // first during the coefficient phase (begin); otherwise in place, one at a time.
   __device__ __forceinline__ static T* buffer(const TileSmem<T>& sm, int position) {
     if constexpr (kAsyncTiles<T>) {
       static_assert(kTile * L::kLdValue * sizeof(T) <= kTile * L::kLdTile * sizeof(accum_t<T>),
@@ -619,7 +633,7 @@ struct RowGradients {
 
   // this[g] += coef[g] · the swept chunks of gradient g. coef: the owned x swept tiles the
   // coefficient phase wrote (leading dimension kLdCoef); the first barrier here publishes them.
-  // Ends with a barrier, after which the buffers may be overwritten.
+  // Ends with a barrier (when there is a chunk), after which the buffers may be overwritten.
   __device__ __forceinline__ void accumulate(const TileSmem<T>& sm, const T* const coef[2],
                                              const Swept& s) {
 #pragma unroll
@@ -756,14 +770,10 @@ inline SweepSplit split_sweep(int64_t owned_blocks, int64_t swept_tiles, int64_t
 
 // Lets `kernel` use `bytes` of dynamic shared memory (above the default 48 KiB), with a clear
 // error on a GPU that has less.
-// (Plain runtime calls: ATen/cuda/CUDAContext.h would pull in cuSPARSE/cuBLAS headers, which a
-// bare CUDA toolkit may lack.)
 template <typename Kernel>
 void allow_shared_memory(Kernel* kernel, size_t bytes) {
-  int device = 0, limit = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  TORCH_CHECK(bytes <= static_cast<size_t>(limit), "icl_msr CUDA kernels need ", bytes,
+  const size_t limit = shared_memory_limit();
+  TORCH_CHECK(bytes <= limit, "icl_msr CUDA kernels need ", bytes,
               " bytes of shared memory per block; this GPU allows ", limit);
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(bytes)));

@@ -54,7 +54,9 @@ def extensions():
     from torch.utils import cpp_extension
 
     cpu_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    # The kernels (.cu, nvcc) and their registration (.cpp: host code only, the host compiler).
+    cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) +
+                          glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
     if not cpu_sources:
         return [], {}
     with_cuda = False

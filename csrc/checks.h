@@ -3,7 +3,7 @@
 // expected and what came. Host code only.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <c10/util/string_view.h>
 
 #include <algorithm>

@@ -1,9 +1,21 @@
-// The CUDA kernels of the icl_msr ops (schemas in csrc/ops.cpp), registered in register.cu, and
+// The CUDA kernels of the icl_msr ops (schemas in csrc/ops.cpp), registered in register.cpp, and
 // their inputs checked (by the checks shared with the CPU kernels, csrc/checks.h) and made
 // contiguous at entry.
 #pragma once
 
-#include <ATen/ATen.h>
+// The ATen pieces used, not <ATen/ATen.h>: every nvcc pass parses these headers, and the whole
+// of ATen takes most of a .cu file's compile time.
+#include <ATen/TensorOperators.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/constant_pad_nd.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/frexp.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/ones.h>
+#include <ATen/ops/tensor.h>
+#include <ATen/ops/where.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 
 #include "checks.h"
 

@@ -80,6 +80,12 @@ def short_name(demangled: str) -> str:
     return name.split("::")[-1]
 
 
+def architectures(library: str) -> set[str]:
+    """The sm_XX architectures the library holds machine code for."""
+    text = _run([tool("cuobjdump") or "cuobjdump", "--list-elf", library])
+    return set(re.findall(r"\.(sm_\d+a?)\.cubin", text))
+
+
 def resource_usage(library: str, arch: str) -> dict[str, dict[str, int]]:
     """kernel short name -> {"REG", "STACK", "SHARED", "LOCAL"} for `arch`."""
     text = _run([tool("cuobjdump") or "cuobjdump", "-res-usage", "-arch", arch, library])

@@ -101,7 +101,12 @@ def test_cuda_kernels_use_no_local_memory(arch):
     """No kernel spills registers or keeps an array in local memory: zero stack everywhere."""
     from benchmarks import sass
 
-    usage = sass.resource_usage(_built_library(), arch)
+    library = _built_library()
+    built = sass.architectures(library)
+    if arch not in built:
+        pytest.skip(f"the extension holds code for {sorted(built)} only (make test builds sm_90; "
+                    f"TORCH_CUDA_ARCH_LIST='8.0;9.0' adds sm_80)")
+    usage = sass.resource_usage(library, arch)
     assert len(usage) >= 20, f"only {sorted(usage)} found for {arch}"
     spilling = {name: u for name, u in usage.items() if u["STACK"] or u["LOCAL"]}
     assert not spilling, f"{arch}: kernels with stack or local memory: {spilling}"

@@ -29,7 +29,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .triton_common import (LN2, LOG2E, acc_dtype, check_inputs, define_op, dot_precision,
-                            interpreting, load_tile, on_device_of)
+                            interpreting, load_tile, on_device_of, traceable)
 
 _COMBINE_CODES = {"none": 0, "concat": 1, "add": 2}
 
@@ -267,7 +267,7 @@ def contrastive_pairs_forward(a: Tensor, b: Optional[Tensor], block_starts: Tens
     pair_list = pairs[:, 1:].contiguous().to(a.device)
     with on_device_of(a):
         for begin, end in _rounds(pairs):
-            _pairs_fwd_kernel[(end - begin,)](
+            traceable(_pairs_fwd_kernel)[(end - begin,)](
                 a, b, starts, pair_list[begin:], neg_max, neg_sum, M, D, db, group_rows,
                 INT_MODE=mode, FP64=a.dtype == torch.float64, PREC=precision, BLOCK=block,
                 BLOCK_D=block_d, BLOCK_DB=block_db)
@@ -299,7 +299,7 @@ def contrastive_pairs_backward(a: Tensor, b: Optional[Tensor], block_starts: Ten
     row_lse = row_lse.to(acc).contiguous()
     with on_device_of(a):
         for begin, end in _rounds(pairs):
-            _pairs_bwd_kernel[(end - begin,)](
+            traceable(_pairs_bwd_kernel)[(end - begin,)](
                 a, b, starts, pair_list[begin:], row_lse, unit_scale,
                 grad_a, grad_b if mode else grad_a, M, D, db, group_rows,
                 INT_MODE=mode, FP64=a.dtype == torch.float64, PREC=precision, BLOCK=block,

@@ -82,8 +82,9 @@ def test_every_cpu_op_has_a_cuda_kernel():
 # The compiled kernels as the toolchain shows them (no GPU needed): benchmarks/sass.py.
 
 
-def _built_library() -> str:
-    """The extension built with CUDA kernels, and the tools to read them, or a skip."""
+def _built_library(arch: str = "sm_90") -> str:
+    """The extension built with CUDA kernels for `arch`, and the tools to read them, or a
+    skip."""
     path = _load_extension()
     if not _built_with_cuda(path):
         pytest.skip(f"the extension at {path} was built without CUDA kernels")
@@ -93,6 +94,10 @@ def _built_library() -> str:
     if missing:
         pytest.skip(f"{missing} not found (CUDA_HOME/bin, PATH, or the nvidia-cuda-cuobjdump / "
                     f"nvidia-cuda-nvdisasm wheels of requirements-dev.txt)")
+    built = sass.architectures(path)
+    if arch not in built:
+        pytest.skip(f"the extension holds code for {sorted(built)} only (make test builds sm_90; "
+                    f"TORCH_CUDA_ARCH_LIST='8.0;9.0' adds sm_80)")
     return path
 
 
@@ -101,12 +106,7 @@ def test_cuda_kernels_use_no_local_memory(arch):
     """No kernel spills registers or keeps an array in local memory: zero stack everywhere."""
     from benchmarks import sass
 
-    library = _built_library()
-    built = sass.architectures(library)
-    if arch not in built:
-        pytest.skip(f"the extension holds code for {sorted(built)} only (make test builds sm_90; "
-                    f"TORCH_CUDA_ARCH_LIST='8.0;9.0' adds sm_80)")
-    usage = sass.resource_usage(library, arch)
+    usage = sass.resource_usage(_built_library(arch), arch)
     assert len(usage) >= 20, f"only {sorted(usage)} found for {arch}"
     spilling = {name: u for name, u in usage.items() if u["STACK"] or u["LOCAL"]}
     assert not spilling, f"{arch}: kernels with stack or local memory: {spilling}"

@@ -198,6 +198,9 @@ __global__ void __launch_bounds__(kThreads, 1) contrastive_backward_kernel(
   const int64_t d0 = int64_t(blockIdx.z) * kGradChunks<T> * kTile;
   RowGradients<T> grads;
   grads.zero();
+  // The swept features step 3 multiplies; the tile's first row is set per tile.
+  typename RowGradients<T>::Swept swept_features(swept_a, dim_a, swept_b, dim_b,
+                                                 combine != kCombineNone, n_swept, 0, d0);
 
   const int p = tile_row();
   const int64_t own = own0 + p;
@@ -220,18 +223,15 @@ __global__ void __launch_bounds__(kThreads, 1) contrastive_backward_kernel(
                        dim_b, combine, resident);
     __syncthreads();
 
-    const typename RowGradients<T>::Swept swept(swept_a, dim_a, swept_b, dim_b,
-                                                combine != kCombineNone, n_swept, swept0, d0);
-    RowGradients<T>::begin(sm, swept);
+    swept_features.swept0 = swept0;
+    RowGradients<T>::begin(sm, swept_features);
     store_tile_coefficients(sm, roles, own, n_own, swept0, n_swept, own_lse, upstream, terms);
     const T* const coef[2] = {sm.coef[0], sm.coef[1]};
-    grads.accumulate(sm, coef, swept);
+    grads.accumulate(sm, coef, swept_features);
     __syncthreads();  // the next tile overwrites the statistics, logits and coefficients
   }
   accum_t<T>* const slabs[2] = {slab_a, slab_b};
-  grads.store(sm, slabs, n_own, own0,
-              typename RowGradients<T>::Swept(swept_a, dim_a, swept_b, dim_b,
-                                              combine != kCombineNone, n_swept, 0, d0));
+  grads.store(sm, slabs, n_own, own0, swept_features);
 }
 
 const void* data_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }

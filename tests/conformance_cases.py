@@ -88,9 +88,9 @@ _SPECS = (
     Spec("triton", "cpu", _INTERPRETER[:1], tile_shapes=((50, 8, 3),),
          namespace="icl_msr_triton", slow=True, sweep="symmetric"),
     # CUDA kernels: 64-wide tiles, 32-wide D chunks; the contrastive kernels hold the owned rows
-    # in shared memory at D = 150 (bfloat16, float32) and, in float32, stage them with every
-    # tile at D = 300 (too wide to hold; float16 and float64 always stage), which is also two
-    # feature groups of the float64 backward. Triton: the
+    # in shared memory at D = 150 (16-bit types, float32); at D = 300 the 16-bit forward holds
+    # them and the backwards stage them with every tile (too wide to hold; float64 always
+    # stages), which is also two feature groups in the backward. Triton: the
     # whole of D in the contrastive backward at D = 150 (a BLOCK_D of 256, the wide tiles),
     # chunks at D = 300.
     Spec("cuda", "cuda", _ALL, tile_shapes=((70, 150, 70), (40, 300, 9)),

@@ -50,8 +50,6 @@ def cuda(test):
     return pytest.mark.cuda(skip(test))
 
 
-
-
 def _contrastive_case(dtype, combine, device="cpu", rows=6, dim=7, ranks=3, rank=1, seed=0):
     """Features of `rows` local rows on rank `rank` of `ranks` (float64 masters, requiring grad):
     (a, b, a_cols, b_cols, row_offset), b and b_cols None for "none"."""
@@ -161,13 +159,14 @@ def test_double_backward_raises():
 
 @interp
 @pytest.mark.parametrize("sweep", ["full", "symmetric"])
-def test_compile_fullgraph(sweep, monkeypatch):
+def test_compile_fullgraph(sweep, monkeypatch, request):
     # Under the interpreter the ops are opaque custom ops with fake implementations (triton_op
     # would trace into kernels that need real data); "aot_eager" traces forward and backward
     # without generating code. On a GPU, test_cuda_compile_fullgraph uses inductor.
     from icl_msr_kernels.kernels import triton_common
 
-    monkeypatch.setattr(triton_common, "_sweep", sweep)
+    monkeypatch.setattr(triton_common, "_sweep", "full")
+    calls = request.getfixturevalue("symmetric_sweep") if sweep == "symmetric" else None
     inputs = cast(make_inputs(n=20, d=6, k=3, seed=5), torch.float32)
 
     def fn(z1, z2, prototypes, prior_logits, temperature):
@@ -183,6 +182,8 @@ def test_compile_fullgraph(sweep, monkeypatch):
     torch.testing.assert_close(got, eager)
     for g, e in zip(got_grads, eager_grads):
         torch.testing.assert_close(g, e)
+    if calls is not None:  # the compiled call really took the symmetric sweep
+        assert calls.count("forward") == 2 and calls.count("backward") == 2, calls
 
 
 @interp

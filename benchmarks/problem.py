@@ -28,9 +28,13 @@ PRODUCTS = {"fwd": 1, "bwd": 3, "fwdbwd": 4}
 # their own products reach.
 FULL_SWEEP_PROVIDERS = ("triton", "cuda")
 FULL_SWEEP_PRODUCTS = {"fwd": 2, "bwd": 4, "fwdbwd": 6}
-# Triton's symmetric sweep multiplies what cpp does (PRODUCTS) where it applies: a single
-# process, 2-byte features, D <= 128 (`triton_symmetric.supports`); elsewhere it is the full one.
-SYMMETRIC_PROVIDER = "triton-symmetric"
+# The GPU backends under their symmetric sweep (`ops.set_sweep`): provider -> backend. They
+# multiply what cpp does (PRODUCTS) where the sweep applies, a single process and features their
+# kernels fit (the widest D per dtype below, with both feature sets: `triton_symmetric.supports`
+# and the CUDA op's `symmetric_fits`); elsewhere they take the full sweep.
+SYMMETRIC_PROVIDERS = {"triton-symmetric": "triton", "cuda-symmetric": "cuda"}
+_SYMMETRIC_MAX_D = {"triton-symmetric": {"float16": 128, "bfloat16": 128},
+                    "cuda-symmetric": {"float16": 128, "bfloat16": 128, "float32": 128}}
 
 # Dense (2N)^2 buffers the eager reference holds at its peak in forward+backward: measured
 # ~6.1 on the CPU in float32 (~5.1 under torch.compile). Rounded up so a skip errs on the side
@@ -103,16 +107,16 @@ FULL_SWEEP_BANK_PRODUCTS = {"ntxent": {"fwd": 1, "bwd": 2, "fwdbwd": 3},
 
 
 def _full_sweep(provider: str, dtype: str | None, d: int, bank: int) -> bool:
-    if provider == SYMMETRIC_PROVIDER:
-        return bool(bank) or dtype not in ("float16", "bfloat16") or d > 128
+    if provider in SYMMETRIC_PROVIDERS:
+        return bool(bank) or d > _SYMMETRIC_MAX_D[provider].get(dtype, 0)
     return provider in FULL_SWEEP_PROVIDERS
 
 
 def fused_flops(n: int, d: int, phase: str, loss: str = "icl-msr", bank: int = 0,
                 provider: str = "cpp", dtype: str | None = None) -> float:
     """FLOPs (2 per multiply-add) of the fused algorithm at per-view N for `phase`: what
-    `provider` multiplies for the GPU backends (FULL_SWEEP_*; the symmetric Triton sweep in
-    `dtype` where it applies), else the least a fused kernel must do (cpp's; for the eager and
+    `provider` multiplies for the GPU backends (FULL_SWEEP_*; their symmetric sweeps in
+    `dtype` where they apply), else the least a fused kernel must do (cpp's; for the eager and
     compiled references, the yardstick of what fusing gains).
 
     In-batch: products over (2N)² logits (the ICL-MSR features are [x, √γ c], twice as wide, in

@@ -22,7 +22,7 @@ import icl_msr_kernels
 from icl_msr_kernels import icl_msr_loss, ntxent_loss
 from icl_msr_kernels.backends import BackendUnavailable, resolve_backend
 
-from .problem import SYMMETRIC_PROVIDER, Inputs
+from .problem import SYMMETRIC_PROVIDERS, Inputs
 
 EAGER = "reference"
 COMPILED = "reference-compiled"
@@ -39,7 +39,7 @@ class Provider:
     backend: str
     compiled: bool = False
     world_size: int = 1
-    triton_sweep: str | None = None  # `triton_common.set_sweep`, set in the point's process
+    sweep: str | None = None  # `icl_msr_kernels.kernels.ops.set_sweep`, set in the point's process
 
     @property
     def fused(self) -> bool:
@@ -60,10 +60,10 @@ class Provider:
         if self.backend == LIGHTLY:
             return _lightly_step()
         backend = self.backend
-        if self.triton_sweep:
-            from icl_msr_kernels.kernels import triton_common
+        if self.sweep:
+            from icl_msr_kernels.kernels import ops as kernel_ops
 
-            triton_common.set_sweep(self.triton_sweep)
+            kernel_ops.set_sweep(self.sweep)
 
         def loss(z1: Tensor, z2: Tensor, prototypes: Tensor, prior_logits: Tensor,
                  bank: Tensor | None) -> Tensor:
@@ -110,7 +110,7 @@ def _lightly_step() -> Step:
 def all_names() -> list[str]:
     """Every provider name this package knows, available or not."""
     return [EAGER, COMPILED, LIGHTLY] + [b for b in icl_msr_kernels.backend_status()
-                                         if b != EAGER] + [SYMMETRIC_PROVIDER]
+                                         if b != EAGER] + list(SYMMETRIC_PROVIDERS)
 
 
 def by_name(name: str) -> Provider:
@@ -118,8 +118,8 @@ def by_name(name: str) -> Provider:
         return Provider(COMPILED, EAGER, compiled=True)
     if name == LIGHTLY:
         return Provider(LIGHTLY, LIGHTLY)
-    if name == SYMMETRIC_PROVIDER:  # triton with its single-process symmetric sweep
-        return Provider(SYMMETRIC_PROVIDER, "triton", triton_sweep="symmetric")
+    if name in SYMMETRIC_PROVIDERS:  # a GPU backend with its single-process symmetric sweep
+        return Provider(name, SYMMETRIC_PROVIDERS[name], sweep="symmetric")
     if name not in icl_msr_kernels.backend_status():
         raise ValueError(f"unknown provider {name!r}; known: {', '.join(all_names())}")
     return Provider(name, name)

@@ -14,13 +14,16 @@ TORCH_LIBRARY(icl_msr, m) {
         "Tensor c, Tensor row_lse, float inv_attn_temperature, str prior_mode) "
         "-> (Tensor, Tensor, Tensor)");
   // Both NT-Xent terms over features pre-scaled by 1/sqrt(tau): losses (2,) and row_lse (2, B).
+  // symmetric: sweep each unordered pair of row blocks once where the kernels can (one process;
+  // the CPU kernels always do).
   m.def("contrastive_forward(Tensor a, Tensor? b, Tensor? a_cols, Tensor? b_cols, "
-        "Tensor? positive_logits, int row_offset, str combine) -> (Tensor, Tensor)");
+        "Tensor? positive_logits, int row_offset, str combine, bool symmetric=False) "
+        "-> (Tensor, Tensor)");
   // column_grads False: the columns' gradients are not wanted (a constant memory bank), and the
   // column sweep that makes them is skipped (they come back empty).
   m.def("contrastive_backward(Tensor grad_losses, Tensor a, Tensor? b, Tensor? a_cols, "
         "Tensor? b_cols, Tensor? positive_logits, Tensor row_lse, int row_offset, str combine, "
-        "bool column_grads) -> (Tensor, Tensor, Tensor, Tensor)");
+        "bool column_grads, bool symmetric=False) -> (Tensor, Tensor, Tensor, Tensor)");
   // Memory-bank mode: the forward also returns each row's gradient sums (a_rows (1 or 2, B, D)
   // per term, b_rows (B, Db)); the backward scales them by the upstream gradients and, with
   // column_grads, sweeps the columns for theirs. CPU only.

@@ -46,7 +46,7 @@ class Spec:
     bank_sizes: tuple[int, ...] = (37, 1)
     namespace: str | None = None
     slow: bool = False  # the Triton interpreter: the heavier cases run a subset of the pairs
-    # A Triton single-process sweep (`triton_common.set_sweep`) the entry runs under; such an
+    # A single-process sweep of the GPU kernels (`ops.set_sweep`) the entry runs under; such an
     # entry skips the cases that never take it (memory banks, pair kernels).
     sweep: str | None = None
 
@@ -95,6 +95,12 @@ _SPECS = (
     # chunks at D = 300.
     Spec("cuda", "cuda", _ALL, tile_shapes=((70, 150, 70), (40, 300, 9)),
          bank_sizes=(37, 1037, 1), namespace="icl_msr"),
+    # The CUDA symmetric sweep: 2N = 140 is three blocks, the last partial (one tile a CTA, so
+    # every column add waits on another CTA's turn), D = 100 two 64-wide column-side chunks, the
+    # second partial; 2N = 400 seven blocks. float64 and D = 150 take the full sweep.
+    # tests/test_cuda.py covers many blocks with several tiles a CTA.
+    Spec("cuda", "cuda", _ALL, tile_shapes=((70, 100, 70), (200, 40, 5), (40, 150, 9)),
+         namespace="icl_msr", sweep="symmetric"),
     Spec("triton", "cuda", _ALL, tile_shapes=((70, 150, 70), (40, 300, 9)),
          bank_sizes=(37, 1037, 1), namespace="icl_msr_triton"),
 )

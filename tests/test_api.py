@@ -216,3 +216,15 @@ def test_auto_warns_once_when_it_falls_back_to_the_reference(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the second call is silent
         ntxent_loss(z, z.flip(0))
+
+
+def test_sweep_option_is_checked(monkeypatch):
+    from icl_msr_kernels.kernels import ops as kernel_ops
+
+    before = kernel_ops.get_sweep()
+    with pytest.raises(ValueError, match="sweep must be one of 'full', 'symmetric'"):
+        kernel_ops.set_sweep("pairs")
+    assert kernel_ops.get_sweep() == before
+    monkeypatch.setattr(kernel_ops, "_sweep", "half")  # as a bad ICL_MSR_SWEEP leaves it
+    with pytest.raises(ValueError, match="ICL_MSR_SWEEP must be one of full, symmetric"):
+        kernel_ops.get_sweep()

@@ -41,7 +41,7 @@ def _inputs(spec, shape, seed, **kwargs):
     return make_inputs(*shape, seed=seed, device=spec.device, **kwargs)
 
 
-# The cases an entry with a Triton sweep joins: those whose problems reach the sweep's kernels in
+# The cases an entry with a sweep joins: those whose problems reach the sweep's kernels in
 # ways the others do not (sizes, tile boundaries, special values, loss scaling, determinism).
 # The rest exercise the glue and the op surface, which do not depend on the sweep.
 _SWEEP_CASES = {"test_sizes_of_one", "test_tile_boundaries", "test_zero_rows",
@@ -52,7 +52,7 @@ _SWEEP_CASES = {"test_sizes_of_one", "test_tile_boundaries", "test_zero_rows",
 
 @pytest.fixture(autouse=True)
 def _spec_sweep(request):
-    """An entry with a Triton sweep runs under it (and leaves the default behind)."""
+    """An entry with a sweep runs under it (and leaves the default behind)."""
     callspec = getattr(request.node, "callspec", None)
     spec = callspec.params.get("spec") if callspec else None
     if spec is None or spec.sweep is None:
@@ -60,14 +60,14 @@ def _spec_sweep(request):
         return
     if request.node.originalname not in _SWEEP_CASES:
         pytest.skip(f"the {spec.sweep} sweep's entry runs only the cases that reach its kernels")
-    from icl_msr_kernels.kernels import triton_common
+    from icl_msr_kernels.kernels import ops as kernel_ops
 
-    previous = triton_common.get_sweep()
-    triton_common.set_sweep(spec.sweep)
+    previous = kernel_ops.get_sweep()
+    kernel_ops.set_sweep(spec.sweep)
     try:
         yield
     finally:
-        triton_common.set_sweep(previous)
+        kernel_ops.set_sweep(previous)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -163,9 +163,9 @@ def test_compile_fullgraph(sweep, monkeypatch, request):
     # Under the interpreter the ops are opaque custom ops with fake implementations (triton_op
     # would trace into kernels that need real data); "aot_eager" traces forward and backward
     # without generating code. On a GPU, test_cuda_compile_fullgraph uses inductor.
-    from icl_msr_kernels.kernels import triton_common
+    from icl_msr_kernels.kernels import ops as kernel_ops
 
-    monkeypatch.setattr(triton_common, "_sweep", "full")
+    monkeypatch.setattr(kernel_ops, "_sweep", "full")
     calls = request.getfixturevalue("symmetric_sweep") if sweep == "symmetric" else None
     inputs = cast(make_inputs(n=20, d=6, k=3, seed=5), torch.float32)
 
@@ -207,7 +207,7 @@ def test_fp32_precision_option():
 @pytest.fixture
 def symmetric_sweep():
     """Run with the symmetric single-process sweep, and count its forward and backward calls."""
-    from icl_msr_kernels.kernels import triton_common, triton_symmetric
+    from icl_msr_kernels.kernels import ops as kernel_ops, triton_symmetric
 
     calls = []
     forward, backward = triton_symmetric.forward, triton_symmetric.backward
@@ -218,15 +218,15 @@ def symmetric_sweep():
             return fn(*args)
         return call
 
-    previous = triton_common.get_sweep()
-    triton_common.set_sweep("symmetric")
+    previous = kernel_ops.get_sweep()
+    kernel_ops.set_sweep("symmetric")
     triton_symmetric.forward = counted("forward", forward)
     triton_symmetric.backward = counted("backward", backward)
     try:
         yield calls
     finally:
         triton_symmetric.forward, triton_symmetric.backward = forward, backward
-        triton_common.set_sweep(previous)
+        kernel_ops.set_sweep(previous)
 
 
 def _far_rows(n=24, d=16, dtype=torch.float64):
@@ -281,7 +281,7 @@ def test_symmetric_sweep_segments_add_in_a_fixed_order(symmetric_sweep):
     """2N = 200: seven row blocks, four segments of distances; each column block's buffer
     takes up to six programs' additions, each row block's up to four. The same inputs give
     bit-identical results, and they match the full sweep to rounding."""
-    from icl_msr_kernels.kernels import triton_common
+    from icl_msr_kernels.kernels import ops as kernel_ops
 
     gen = torch.Generator().manual_seed(4)
     a, b = (rownorm(torch.randn(200, 8, generator=gen)) * 3 for _ in range(2))
@@ -297,19 +297,9 @@ def test_symmetric_sweep_segments_add_in_a_fixed_order(symmetric_sweep):
     assert symmetric_sweep.count("backward") == 2
     for x, y in zip(first, second):
         assert torch.equal(x, y)
-    triton_common.set_sweep("full")
+    kernel_ops.set_sweep("full")
     for x, y in zip(first, run()):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
-
-
-@needs_triton
-def test_sweep_option_is_checked():
-    from icl_msr_kernels.kernels import triton_common
-
-    before = triton_common.get_sweep()
-    with pytest.raises(ValueError, match="sweep must be one of 'full', 'symmetric'"):
-        triton_common.set_sweep("pairs")
-    assert triton_common.get_sweep() == before
 
 
 @interp
@@ -637,7 +627,7 @@ def test_cuda_symmetric_sweep_many_programs(symmetric_sweep, dtype):
     """2N = 16384: 512 row blocks, thousands of programs in flight, each column block's buffer
     added to by up to 511 of them under its turn counter. Bit-identical run to run, and as close
     to the float64 reference as the full sweep."""
-    from icl_msr_kernels.kernels import triton_common
+    from icl_msr_kernels.kernels import ops as kernel_ops
 
     gen = torch.Generator().manual_seed(8)
     a64, b64 = (rownorm(torch.randn(16384, 128, generator=gen, dtype=torch.float64)) / 0.3
@@ -656,7 +646,7 @@ def test_cuda_symmetric_sweep_many_programs(symmetric_sweep, dtype):
     for x, y in zip(first, second):
         assert torch.equal(x, y)
     truth = run(a64, b64, load_backend("reference"), torch.float64)
-    triton_common.set_sweep("full")
+    kernel_ops.set_sweep("full")
     full = run(a64, b64, kernels, dtype)
     for got, other, want in zip(first, full, truth):
         scale = want.abs().max().clamp_min(1.0)

@@ -407,7 +407,7 @@ std::tuple<at::Tensor, at::Tensor> contrastive_forward(
     const at::Tensor& a, const std::optional<at::Tensor>& b,
     const std::optional<at::Tensor>& a_cols, const std::optional<at::Tensor>& b_cols,
     const std::optional<at::Tensor>& positive_logits, int64_t row_offset,
-    c10::string_view combine) {
+    c10::string_view combine, bool /*symmetric: the CPU sweep always pairs the tiles*/) {
   const Contrastive p = prepare(a, b, a_cols, b_cols, positive_logits, row_offset, combine);
   const auto opts = p.a.options();
   // Zeros: the interventional entries stay 0 when combine is "none".
@@ -511,7 +511,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_backward(
     const at::Tensor& grad_losses, const at::Tensor& a, const std::optional<at::Tensor>& b,
     const std::optional<at::Tensor>& a_cols, const std::optional<at::Tensor>& b_cols,
     const std::optional<at::Tensor>& positive_logits, const at::Tensor& row_lse,
-    int64_t row_offset, c10::string_view combine, bool column_grads) {
+    int64_t row_offset, c10::string_view combine, bool column_grads,
+    bool /*symmetric: the CPU sweep always pairs the tiles*/) {
   const Contrastive p = prepare(a, b, a_cols, b_cols, positive_logits, row_offset, combine);
   column_grads = column_grads && !p.square;
   const auto acc = p.a.scalar_type();

@@ -40,13 +40,13 @@ std::tuple<at::Tensor, at::Tensor> contrastive_forward(
     const at::Tensor& a, const std::optional<at::Tensor>& b,
     const std::optional<at::Tensor>& a_cols, const std::optional<at::Tensor>& b_cols,
     const std::optional<at::Tensor>& positive_logits, int64_t row_offset,
-    c10::string_view combine);
+    c10::string_view combine, bool symmetric);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_backward(
     const at::Tensor& grad_losses, const at::Tensor& a, const std::optional<at::Tensor>& b,
     const std::optional<at::Tensor>& a_cols, const std::optional<at::Tensor>& b_cols,
     const std::optional<at::Tensor>& positive_logits, const at::Tensor& row_lse,
-    int64_t row_offset, c10::string_view combine, bool column_grads);
+    int64_t row_offset, c10::string_view combine, bool column_grads, bool symmetric);
 
 std::tuple<at::Tensor, at::Tensor> contrastive_pairs_forward(
     const at::Tensor& a, const std::optional<at::Tensor>& b, const at::Tensor& block_starts,

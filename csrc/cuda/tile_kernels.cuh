@@ -128,10 +128,11 @@ struct TileSmem {
 
 // ---------------------------------------------------------------------------------------------
 // kTile x kTile accumulators of a block-wide product, held in registers across the feature loop.
-// Both implementations offer zero(), mma<kBTransposed> (this += A B over kk, A(i, k) = a[i*lda+k];
-// B(k, j) = b[j*ldb+k] when kBTransposed, the rows x columns logit products, else b[k*ldb+j], the
-// coefficient x features products) and load/store from a float tile. Each thread (warp) loads and
-// stores only the elements it accumulates.
+// Both implementations offer zero(), mma<kBTransposed, kATransposed> (this += A B over kk,
+// A(i, k) = a[i*lda+k], or a[k*lda+i] when kATransposed (a coefficient tile applied to the
+// columns' side); B(k, j) = b[j*ldb+k] when kBTransposed, the rows x columns logit products, else
+// b[k*ldb+j], the coefficient x features products) and load/store from a float tile. Each
+// thread (warp) loads and stores only the elements it accumulates.
 
 // FMA path (float32, float64; 16-bit types below sm_80): thread (ty, tx) = (tid / 16, tid % 16)
 // owns rows ty + 16 i and columns tx + 16 j, i, j < 4, so a warp reads consecutive columns.
@@ -147,13 +148,14 @@ struct FmaTile {
       for (int j = 0; j < 4; ++j) v[i][j] = A(0);
   }
 
-  template <bool kBTransposed>
+  template <bool kBTransposed, bool kATransposed = false>
   __device__ __forceinline__ void mma(const T* a, int lda, const T* b, int ldb, int kk) {
     const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
     for (int k = 0; k < kk; ++k) {
       A av[4], bv[4];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) av[i] = static_cast<A>(a[(ty + 16 * i) * lda + k]);
+      for (int i = 0; i < 4; ++i)
+        av[i] = static_cast<A>(kATransposed ? a[k * lda + ty + 16 * i] : a[(ty + 16 * i) * lda + k]);
 #pragma unroll
       for (int j = 0; j < 4; ++j)
         bv[j] = static_cast<A>(kBTransposed ? b[(tx + 16 * j) * ldb + k]
@@ -212,16 +214,17 @@ __device__ __forceinline__ void load_shared_fragment(wmma::fragment<Use, 16, 16,
   constexpr bool kA = std::is_same_v<Use, wmma::matrix_a>;
   constexpr bool kRow = std::is_same_v<Layout, wmma::row_major>;
   constexpr bool kBf16 = std::is_same_v<E, __nv_bfloat16>;
-  static_assert(!kA || kRow, "the products take row-major left operands only");
   static_assert(sizeof(f.x) == (kBf16 ? 16 : 32), "fragment registers as in mma.hpp");
   uint32_t* r = reinterpret_cast<uint32_t*>(f.x);
   const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(p));
   if constexpr (kBf16) {
-    if constexpr (kA) ICL_MSR_WMMA_LOAD4("wmma.load.a.sync.aligned.row.m16n16k16.shared.bf16");
+    if constexpr (kA && kRow) ICL_MSR_WMMA_LOAD4("wmma.load.a.sync.aligned.row.m16n16k16.shared.bf16");
+    else if constexpr (kA) ICL_MSR_WMMA_LOAD4("wmma.load.a.sync.aligned.col.m16n16k16.shared.bf16");
     else if constexpr (kRow) ICL_MSR_WMMA_LOAD4("wmma.load.b.sync.aligned.row.m16n16k16.shared.bf16");
     else ICL_MSR_WMMA_LOAD4("wmma.load.b.sync.aligned.col.m16n16k16.shared.bf16");
   } else {
-    if constexpr (kA) ICL_MSR_WMMA_LOAD8("wmma.load.a.sync.aligned.row.m16n16k16.shared.f16");
+    if constexpr (kA && kRow) ICL_MSR_WMMA_LOAD8("wmma.load.a.sync.aligned.row.m16n16k16.shared.f16");
+    else if constexpr (kA) ICL_MSR_WMMA_LOAD8("wmma.load.a.sync.aligned.col.m16n16k16.shared.f16");
     else if constexpr (kRow) ICL_MSR_WMMA_LOAD8("wmma.load.b.sync.aligned.row.m16n16k16.shared.f16");
     else ICL_MSR_WMMA_LOAD8("wmma.load.b.sync.aligned.col.m16n16k16.shared.f16");
   }
@@ -244,14 +247,15 @@ struct WmmaTile {
     for (int f = 0; f < 2; ++f) wmma::fill_fragment(frag[f], 0.0f);
   }
 
-  template <bool kBTransposed>
+  template <bool kBTransposed, bool kATransposed = false>
   __device__ __forceinline__ void mma(const T* a_tile, int lda, const T* b_tile, int ldb, int kk) {
     const E* a = reinterpret_cast<const E*>(a_tile);
     const E* b = reinterpret_cast<const E*>(b_tile);
+    using ALayout = std::conditional_t<kATransposed, wmma::col_major, wmma::row_major>;
     using BLayout = std::conditional_t<kBTransposed, wmma::col_major, wmma::row_major>;
     for (int k = 0; k < kk; k += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, E, wmma::row_major> fa;
-      load_shared_fragment(fa, a + row0() * lda + k, lda);
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, E, ALayout> fa;
+      load_shared_fragment(fa, kATransposed ? a + k * lda + row0() : a + row0() * lda + k, lda);
 #pragma unroll
       for (int f = 0; f < 2; ++f) {
         wmma::fragment<wmma::matrix_b, 16, 16, 16, E, BLayout> fb;
@@ -398,8 +402,27 @@ __device__ __forceinline__ void store_tile(T* dst, int64_t dst_rows, int64_t dst
   });
 }
 
+// dst += the tile, for the part inside the matrix, in a float buffer that CTAs add to one after
+// another (the symmetric contrastive sweep, which hands the buffer on with turn counters). The
+// reads go past L1 (ld.global.cg), which may still hold lines of the buffer from before the
+// turn; the writes reach L2 either way.
+template <int kRows, int kCols, int kLd, typename A>
+__device__ __forceinline__ void add_tile(A* dst, int64_t dst_rows, int64_t dst_cols, int64_t row0,
+                                         int64_t col0, const A* src) {
+  for_each_vector<kRows, kCols, A>([&](int i, int j) {
+    const int64_t r = row0 + i, c = col0 + j;
+    if (r >= dst_rows || c >= dst_cols) return;
+    uint4* to = reinterpret_cast<uint4*>(dst + r * dst_cols + c);
+    Vec16<A> v;
+    v.bits = __ldcg(to);
+#pragma unroll
+    for (int e = 0; e < kVec<A>; ++e) v.elems[e] += src[i * kLd + j + e];
+    *to = v.bits;
+  });
+}
+
 // The owned block's features held in shared memory for a whole sweep (a, and b unless absent):
-// staged once, zero-padded to whole kChunk-wide chunks, so that the products stage only the
+// staged once, zero-padded to whole kTile-wide chunks, so that the products stage only the
 // swept side. A kernel keeps them where its dynamic shared memory has room (`extra_bytes`,
 // decided on the host from D alone); otherwise (`held` false) the products stage both sides
 // with every tile. Either way the same operands meet in the same order: identical results.
@@ -418,9 +441,12 @@ struct ResidentRows {
   // registers).
   static constexpr bool kEnabled = sizeof(T) < 8;
 
-  __host__ __device__ static int ld(int64_t dim) {
-    return static_cast<int>(ceil_div(dim, kChunk) * kChunk) + TileLayout<T>::kPad;
+  // Rows padded to whole kTile-wide feature chunks, so that a product taking the resident rows
+  // as its right operand, kTile features at a time (the symmetric backward), stays inside them.
+  __host__ __device__ static int width(int64_t dim) {
+    return static_cast<int>(ceil_div(dim, kTile) * kTile);
   }
+  __host__ __device__ static int ld(int64_t dim) { return width(dim) + TileLayout<T>::kPad; }
   __host__ __device__ static size_t bytes(int64_t dim) {
     return dim > 0 ? TileLayout<T>::aligned(size_t(kTile) * ld(dim) * sizeof(T)) : 0;
   }
@@ -454,12 +480,11 @@ struct ResidentRows {
   }
 
  private:
-  // dst[i * ld + j] = src[(row0 + i) * dim + j] for the block's kTile rows and its whole
-  // kChunk-wide chunks of columns, zero outside the n_rows x dim matrix; 16-byte loads (dim is
-  // whole vectors).
+  // dst[i * ld + j] = src[(row0 + i) * dim + j] for the block's kTile rows over the padded
+  // width, zero outside the n_rows x dim matrix; 16-byte loads (dim is whole vectors).
   __device__ __forceinline__ static void stage_block(T* dst, int ld, const T* src, int64_t dim,
                                                      int64_t n_rows, int64_t row0) {
-    const int vecs_per_row = static_cast<int>(ceil_div(dim, kChunk) * kChunk) / kVec<T>;
+    const int vecs_per_row = width(dim) / kVec<T>;
     for (int idx = threadIdx.x; idx < kTile * vecs_per_row; idx += kThreads) {
       const int i = idx / vecs_per_row, j = idx % vecs_per_row * kVec<T>;
       copy_vector(dst + i * ld + j, ld % kVec<T> == 0, src, n_rows, dim, row0 + i, j);
@@ -554,17 +579,17 @@ __device__ __forceinline__ void tile_accumulate(const TileSmem<T>& sm, accum_t<T
 }
 
 // Step 3 with the owned rows' results in registers for the whole sweep: the gradients of the a
-// and b features, each in kGradChunks kTile-wide feature chunks from feature d0 (the kernel's
+// and b features, each in kChunks kTile-wide feature chunks from feature d0 (the kernel's
 // feature group), written to the slab once at the end, so a swept tile costs no slab traffic.
-// (Four chunks cover D = 256 in 128 accumulator registers per thread for a and b together;
-// float64 takes two.)
+// (kGradChunks, four, cover D = 256 in 128 accumulator registers per thread for a and b
+// together; float64 takes two.)
 template <typename T>
 constexpr int kGradChunks = sizeof(accum_t<T>) == 8 ? 2 : 4;
 
-template <typename T>
+template <typename T, int kChunks = kGradChunks<T>>
 struct RowGradients {
   using L = TileLayout<T>;
-  TileAcc<T> acc[2][kGradChunks<T>];  // [a, b][feature chunk]
+  TileAcc<T> acc[2][kChunks];  // [a, b][feature chunk]
 
   // The swept features of one tile: a's, then b's (none when chunks_b is 0), each in the
   // kTile-wide chunks of the feature group that fall inside its width. A tile's products take
@@ -585,7 +610,7 @@ struct RowGradients {
           swept0(swept0_), d0(d0_) {}
     __device__ static int chunks_inside(int64_t dim, int64_t d0) {
       return dim > d0 ? static_cast<int>(std::min<int64_t>(ceil_div(dim - d0, kTile),
-                                                           kGradChunks<T>))
+                                                           kChunks))
                       : 0;
     }
     __device__ const T* features(int g) const { return g == 0 ? a : b; }
@@ -598,7 +623,7 @@ struct RowGradients {
 #pragma unroll
     for (int g = 0; g < 2; ++g)
 #pragma unroll
-      for (int c = 0; c < kGradChunks<T>; ++c) acc[g][c].zero();
+      for (int c = 0; c < kChunks; ++c) acc[g][c].zero();
   }
 
   // Copies the swept features at `position` into its buffer: asynchronously where cp.async
@@ -639,7 +664,7 @@ struct RowGradients {
 #pragma unroll
     for (int g = 0; g < 2; ++g)
 #pragma unroll
-      for (int c = 0; c < kGradChunks<T>; ++c) {
+      for (int c = 0; c < kChunks; ++c) {
         if (c >= s.chunks(g)) break;
         const int position = g * s.chunks_a + c;
         if constexpr (kAsyncTiles<T>) {
@@ -659,18 +684,23 @@ struct RowGradients {
       }
   }
 
-  // slab[g][own0 : own0 + kTile, d0 : d0 + kGradChunks * kTile] = this[g], inside n_own x dim.
+  // slab[g][own0 : own0 + kTile, d0 : d0 + kChunks * kTile] = this[g], inside n_own x dim
+  // (+= with `add`, add_tile's read-modify-write).
   __device__ __forceinline__ void store(const TileSmem<T>& sm, accum_t<T>* const slab[2],
-                                        int64_t n_own, int64_t own0, const Swept& s) const {
+                                        int64_t n_own, int64_t own0, const Swept& s,
+                                        bool add = false) const {
 #pragma unroll
     for (int g = 0; g < 2; ++g)
 #pragma unroll
-      for (int c = 0; c < kGradChunks<T>; ++c) {
+      for (int c = 0; c < kChunks; ++c) {
         if (c >= s.chunks(g)) break;
         const int64_t d = s.d0 + c * kTile;
         acc[g][c].store(sm.stage, L::kLdTile);
         __syncthreads();
-        store_tile<kTile, kTile, L::kLdTile>(slab[g], n_own, s.dim(g), own0, d, sm.stage);
+        if (add)
+          add_tile<kTile, kTile, L::kLdTile>(slab[g], n_own, s.dim(g), own0, d, sm.stage);
+        else
+          store_tile<kTile, kTile, L::kLdTile>(slab[g], n_own, s.dim(g), own0, d, sm.stage);
         __syncthreads();
       }
   }

@@ -9,13 +9,17 @@ C++/CUDA extension, csrc/ops.cpp; ``icl_msr_triton`` for the Triton kernels):
 - ``attention_backward(grad_c, x, prototypes, log_prior, c, row_lse, inv_attn_temperature,
   prior_mode) -> (grad_x, grad_prototypes, grad_log_prior)``, each in its input's dtype.
 - ``contrastive_forward(a, b?, a_cols?, b_cols?, positive_logits?, row_offset: int,
-  combine: str) -> (losses (2,), row_lse (2, B))``: both NT-Xent terms (steps 7-8) over
-  features pre-scaled by 1/sqrt(tau), as `interface.Kernels.contrastive` describes; combine is
-  "none", "concat" or "add"; losses and row_lse in the accumulation dtype.
+  combine: str, symmetric: bool = False) -> (losses (2,), row_lse (2, B))``: both NT-Xent
+  terms (steps 7-8) over features pre-scaled by 1/sqrt(tau), as `interface.Kernels.contrastive`
+  describes; combine is "none", "concat" or "add"; losses and row_lse in the accumulation dtype.
+  symmetric asks for the sweep over unordered pairs of row blocks (`set_sweep`) where the
+  backend has one for the problem; the others take the full sweep (the CPU kernels always pair
+  the tiles).
 - ``contrastive_backward(grad_losses, a, b?, a_cols?, b_cols?, positive_logits?, row_lse,
-  row_offset, combine, column_grads: bool) -> (grad_a, grad_b, grad_a_cols, grad_b_cols)``: a
-  tensor that was None gets an empty (0-element) gradient, and so do the columns when
-  column_grads is False (a constant memory bank: the column sweep is skipped).
+  row_offset, combine, column_grads: bool, symmetric: bool = False) -> (grad_a, grad_b,
+  grad_a_cols, grad_b_cols)``: a tensor that was None gets an empty (0-element) gradient, and
+  so do the columns when column_grads is False (a constant memory bank: the column sweep is
+  skipped).
 
 and, optionally (the CPU kernels), for the memory-bank mode:
 
@@ -53,6 +57,8 @@ positive logits is computed here once), the refusal of double backward, and `OpK
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
@@ -68,6 +74,42 @@ def accum_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # ---------------------------------------------------------------------------------------------
+# The single-process sweep of the GPU kernels (read at every call: ICL_MSR_SWEEP or set_sweep).
+
+_SWEEPS = ("full", "symmetric")
+_sweep = os.environ.get("ICL_MSR_SWEEP", "full")
+
+
+def set_sweep(sweep: str) -> None:
+    """Choose how the GPU kernels (`triton`, `cuda`) sweep a single-process problem's (2N)²
+    logits.
+
+    "full" (the default): every row block sweeps every column block, both triangles, with no
+    communication between programs. "symmetric": each unordered pair of row blocks is computed
+    once and serves both (the coefficient tile G applied to one block's features, Gᵀ to the
+    other's: a third fewer products in forward+backward and half the exponentials), the
+    programs adding their column sides to shared buffers in an order fixed by turn counters, so
+    results stay deterministic. Each backend takes it where its kernels fit the problem
+    (`triton`: float16/bfloat16 up to D = 128 on a GPU; `cuda`: float32/float16/bfloat16 up
+    to D = 128) and sweeps "full" otherwise; distributed
+    columns and memory banks always take "full", and the CPU kernels always pair the tiles. Not
+    the default until a GPU measurement says it is the faster. Under torch.compile the value at
+    tracing time is the one compiled in.
+    """
+    global _sweep
+    if sweep not in _SWEEPS:
+        raise ValueError(f"sweep must be one of {', '.join(map(repr, _SWEEPS))}, got {sweep!r}")
+    _sweep = sweep
+
+
+def get_sweep() -> str:
+    """The current single-process sweep (see `set_sweep`)."""
+    if _sweep not in _SWEEPS:  # a bad environment variable
+        raise ValueError(f"ICL_MSR_SWEEP must be one of {', '.join(_SWEEPS)}, got {_sweep!r}")
+    return _sweep
+
+
+# ---------------------------------------------------------------------------------------------
 # Fake (meta) implementations: output shapes and dtypes only.
 
 def attention_forward_fake(x, prototypes, log_prior, inv_attn_temperature, prior_mode):
@@ -79,13 +121,14 @@ def attention_backward_fake(grad_c, x, prototypes, log_prior, c, row_lse, inv_at
     return torch.empty_like(x), torch.empty_like(prototypes), torch.empty_like(log_prior)
 
 
-def contrastive_forward_fake(a, b, a_cols, b_cols, positive_logits, row_offset, combine):
+def contrastive_forward_fake(a, b, a_cols, b_cols, positive_logits, row_offset, combine,
+                             symmetric=False):
     acc = accum_dtype(a.dtype)
     return a.new_empty(2, dtype=acc), a.new_empty(2, a.shape[0], dtype=acc)
 
 
 def contrastive_backward_fake(grad_losses, a, b, a_cols, b_cols, positive_logits, row_lse,
-                              row_offset, combine, column_grads):
+                              row_offset, combine, column_grads, symmetric=False):
     # Distinct tensors for absent inputs: op outputs may not alias each other.
     wanted = (True, True, column_grads, column_grads)
     return [a.new_empty(0) if t is None or not w else torch.empty_like(t)
@@ -188,17 +231,18 @@ def register_autograd(namespace: str, backend: str) -> None:
         return (*grads, None, None)
 
     def contrastive_setup(ctx, inputs, output):
-        a, b, a_cols, b_cols, positive_logits, row_offset, combine = inputs
+        a, b, a_cols, b_cols, positive_logits, row_offset, combine, symmetric = inputs
         _losses, row_lse = output
         ctx.save_for_backward(a, b, a_cols, b_cols, positive_logits, row_lse)
-        ctx.row_offset, ctx.combine = row_offset, combine
+        ctx.row_offset, ctx.combine, ctx.symmetric = row_offset, combine, symmetric
         ctx.mark_non_differentiable(row_lse)
 
-    def sweep_backward(grad_losses, operands, row_lse, row_offset, combine, needs_input_grad):
+    def sweep_backward(grad_losses, operands, row_lse, row_offset, combine, needs_input_grad,
+                       symmetric=False):
         a, b, a_cols, b_cols, positive_logits = operands
         column_grads = a_cols is not None and any(needs_input_grad[2:4])
         grads = ops.contrastive_backward(grad_losses, a, b, a_cols, b_cols, positive_logits,
-                                         row_lse, row_offset, combine, column_grads)
+                                         row_lse, row_offset, combine, column_grads, symmetric)
         grads = [g if t is not None and needed else None
                  for g, t, needed in zip(grads, (a, b, a_cols, b_cols), needs_input_grad)]
         grad_positive = (None if positive_logits is None else
@@ -208,7 +252,7 @@ def register_autograd(namespace: str, backend: str) -> None:
     def contrastive_backward(ctx, grad_losses, _grad_row_lse):
         *operands, row_lse = ctx.saved_tensors
         return (*sweep_backward(grad_losses, operands, row_lse, ctx.row_offset, ctx.combine,
-                                ctx.needs_input_grad), None, None)
+                                ctx.needs_input_grad, ctx.symmetric), None, None, None)
 
     def rows_setup(ctx, inputs, output):
         a, b, a_cols, b_cols, positive_logits, combine = inputs
@@ -296,9 +340,12 @@ class OpKernels:
             losses, *_ = self._ops().contrastive_rows_forward(a, b, a_cols, b_cols,
                                                               positive_logits, combine)
         else:
+            # Only a single-process problem has a symmetric sweep; the op falls back to the
+            # full one where its kernels do not fit the problem.
+            symmetric = a_cols is None and get_sweep() == "symmetric"
             losses, _row_lse = self._ops().contrastive_forward(a, b, a_cols, b_cols,
                                                                positive_logits, row_offset,
-                                                               combine)
+                                                               combine, symmetric)
         return losses[0], losses[1]
 
     def _use_rows_forward(self, a, b, a_cols, b_cols, positive_logits) -> bool:

@@ -24,8 +24,9 @@ Options (read at every call, so they may be changed at run time):
 - ``ICL_MSR_TRITON_AUTOTUNE=0`` / `set_autotune(False)`: skip autotuning and run every kernel
   with its default tiles (quicker start: autotuning compiles and times every configuration
   once per kernel variant and problem size).
-- ``ICL_MSR_TRITON_SWEEP`` / `set_sweep`: how a single-process contrastive problem is swept,
-  "full" (default) or "symmetric" (see there).
+
+How a single-process contrastive problem is swept ("full" or "symmetric") is chosen for both
+GPU backends by `ops.set_sweep`; the ops take it as their `symmetric` argument.
 
 The contrastive kernels take their exponentials in base 2: e^(s - m) = 2^(s log2(e) - m2)
 with the shift m2 = m log2(e) kept per row (running maxima are held in these units), so a tile
@@ -76,8 +77,6 @@ _MIN_BLOCK = 16
 _FP32_PRECISIONS = ("ieee", "tf32x3", "tf32")
 _fp32_precision = os.environ.get("ICL_MSR_TRITON_FP32_PRECISION", "ieee")
 _autotune = os.environ.get("ICL_MSR_TRITON_AUTOTUNE", "1") != "0"
-_SWEEPS = ("full", "symmetric")
-_sweep = os.environ.get("ICL_MSR_TRITON_SWEEP", "full")
 
 
 # Python floats as constexprs keep their double precision in float64 kernels.
@@ -161,33 +160,6 @@ def set_autotune(enabled: bool) -> None:
     """Autotune tile shapes on first use (True, the default) or use each kernel's default."""
     global _autotune
     _autotune = bool(enabled)
-
-
-def set_sweep(sweep: str) -> None:
-    """Choose how the single-process contrastive kernels sweep the (2N)² logits.
-
-    "full" (the default): every row block sweeps every column block, both triangles, with no
-    communication between programs. "symmetric": each unordered pair of row blocks is computed
-    once and serves both (half the products and exponentials), the programs adding their column
-    sides to shared buffers in a fixed order under turn counters (`triton_symmetric`). On a GPU
-    it takes float16/bfloat16 features up to D = 128 (under the interpreter every dtype up to
-    the whole-row width) and falls back to "full" otherwise; distributed columns and memory
-    banks always take "full". Results are
-    deterministic either way; "symmetric" is not the default until a GPU measurement says it is
-    the faster. Under torch.compile the value at tracing time is the one compiled in.
-    """
-    global _sweep
-    if sweep not in _SWEEPS:
-        raise ValueError(f"sweep must be one of {', '.join(map(repr, _SWEEPS))}, got {sweep!r}")
-    _sweep = sweep
-
-
-def get_sweep() -> str:
-    """The current single-process sweep (see `set_sweep`)."""
-    if _sweep not in _SWEEPS:  # a bad environment variable
-        raise ValueError(f"ICL_MSR_TRITON_SWEEP must be one of {', '.join(_SWEEPS)}, got "
-                         f"{_sweep!r}")
-    return _sweep
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -44,7 +44,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .triton_common import (LOG2E, TunedKernel, acc_dtype, check_inputs, define_op, dot_nt,
-                            dot_precision, get_sweep, load_tile, natural_lse, on_device_of,
+                            dot_precision, load_tile, natural_lse, on_device_of,
                             segment_length, store_tile, uses_fma, whole_d_blocking)
 
 
@@ -343,21 +343,24 @@ def _check_args(a, b, a_cols, positive_logits, combine):
                          "negatives)")
 
 
-def _symmetric_sweep(a: Tensor, a_cols: Optional[Tensor], precision: str) -> bool:
-    """Whether the single-process problem on `a` takes the symmetric sweep (`set_sweep`)."""
-    return (a_cols is None and get_sweep() == "symmetric"
+def _symmetric_sweep(a: Tensor, a_cols: Optional[Tensor], precision: str,
+                     symmetric: bool) -> bool:
+    """Whether the problem on `a` takes the symmetric sweep: asked for (`ops.set_sweep`), one
+    process, and kernels that fit it."""
+    return (symmetric and a_cols is None
             and triton_symmetric.supports(a.dtype, precision, a.shape[1]))
 
 
 @define_op("contrastive_forward")
 def contrastive_forward(a: Tensor, b: Optional[Tensor], a_cols: Optional[Tensor],
                         b_cols: Optional[Tensor], positive_logits: Optional[Tensor],
-                        row_offset: int, combine: str) -> Tuple[Tensor, Tensor]:
+                        row_offset: int, combine: str,
+                        symmetric: bool = False) -> Tuple[Tensor, Tensor]:
     """(losses, lse): losses = [L_base, L_int] (2,), lse (2, B) the row log-sum-exps per term
     (the second row unused for "none")."""
     _check_args(a, b, a_cols, positive_logits, combine)
     precision = dot_precision(a.dtype)
-    symmetric = _symmetric_sweep(a, a_cols, precision)
+    symmetric = _symmetric_sweep(a, a_cols, precision, symmetric)
     if a_cols is None:
         a_cols, b_cols = a, b
     mode = _COMBINE_CODES[combine]
@@ -400,7 +403,8 @@ def contrastive_forward(a: Tensor, b: Optional[Tensor], a_cols: Optional[Tensor]
 def contrastive_backward(grad_losses: Tensor, a: Tensor, b: Optional[Tensor],
                          a_cols: Optional[Tensor], b_cols: Optional[Tensor],
                          positive_logits: Optional[Tensor], row_lse: Tensor, row_offset: int,
-                         combine: str, column_grads: bool) -> List[Tensor]:
+                         combine: str, column_grads: bool,
+                         symmetric: bool = False) -> List[Tensor]:
     """[da, db, da_cols, db_cols] of `contrastive_forward`; an empty tensor for each absent
     input. (The explicit positive logits' gradient is taken in `kernels.ops`.)"""
     _check_args(a, b, a_cols, positive_logits, combine)
@@ -435,7 +439,7 @@ def contrastive_backward(grad_losses: Tensor, a: Tensor, b: Optional[Tensor],
 
     with on_device_of(a):
         # Absent gradients are distinct empty tensors: op outputs may not alias each other.
-        if _symmetric_sweep(a, a_cols, precision):
+        if _symmetric_sweep(a, a_cols, precision, symmetric):
             grads = triton_symmetric.backward(grad_losses, a, b, row_lse, mode, precision,
                                               block_d)
             return [*grads, a.new_empty(0), a.new_empty(0)]

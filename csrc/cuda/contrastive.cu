@@ -308,10 +308,12 @@ __device__ A max_lanes(A value) {
   return value;
 }
 
-// A row or column that lies more than this below the tile's maximum would lose its precision
-// to a single shift (its entries near or under float32's smallest normal): float32's e^-48 is
-// ~1e-21, leaving e^39 of headroom for the entries that matter below the row's own maximum.
-constexpr float kSharedShiftSpan = 48.0f;
+// How far below the tile's maximum a row's or column's own maximum may lie for the shared
+// shift. The exponential of s - top is good to about |s - top| * 2^-23 relative (the rounding
+// of the argument, then of its product with log2(e) in __expf), so a row 16 below costs its
+// log-sum-exp ~3e-6, the accuracy the per-row shifts get from entries ~16 below their own
+// maximum; rows farther below take the per-row and per-column shifts.
+constexpr float kSharedShiftSpan = 16.0f;
 
 // One off-diagonal tile (row block at row0, column block at col0, distinct) of the symmetric
 // forward: every negative folded into its row's running (max, sum) and its column's (max, sum)
@@ -441,7 +443,7 @@ __global__ void __launch_bounds__(kThreads, 1) contrastive_symmetric_forward_ker
   const int terms = with_b ? 2 : 1;
   const int64_t row0 = work.block * kTile;
   const ResidentRows<T> resident = ResidentRows<T>::stage(
-      true, smem + L::kSweepBytes, a, dim_a, b, with_b ? dim_b : 0, rows, row0);
+      true, smem + L::kSweepBytes, a, dim_a, b, with_b ? dim_b : 0, rows, row0, kTile);
 
   const int p = tile_row();
   const int64_t row = row0 + p;
@@ -532,7 +534,7 @@ __global__ void __launch_bounds__(kThreads, 1) contrastive_symmetric_backward_ke
   const int terms = with_b ? 2 : 1;
   const int64_t own0 = work.block * kTile;
   const ResidentRows<T> resident = ResidentRows<T>::stage(
-      true, smem + L::kBytes, a, dim_a, b, with_b ? dim_b : 0, rows, own0);
+      true, smem + L::kBytes, a, dim_a, b, with_b ? dim_b : 0, rows, own0, kTile);
   using Gradients = RowGradients<T, kSymmetricChunks>;
   Gradients grads;
   grads.zero();
@@ -563,8 +565,9 @@ __global__ void __launch_bounds__(kThreads, 1) contrastive_symmetric_backward_ke
     store_tile_coefficients(sm, roles, own, rows, swept0, rows, own_lse, upstream, terms);
     grads.accumulate(sm, coef, swept_features);  // ends with a barrier: the stage is free
     if (k > 0) {
-      // The transposed tile: block j's rows get coefficientsᵀ · block i's (resident) features,
-      // kTile features at a time through the stage, under block j's turn. (Taken before the
+      // The transposed tile: block j's rows get coefficientsᵀ · block i's (resident, padded to
+      // whole kTile-wide chunks) features, kTile at a time through the stage, under block j's
+      // turn. (Taken before the
       // products rather than before the first add: a polling loop inside the product loop
       // would keep it from being straight-line code.)
       int* const turn = counters + 1 + j;
@@ -654,7 +657,7 @@ bool symmetric_fits(at::ScalarType type, int64_t dim_a, int64_t dim_b) {
   dispatch_symmetric(type, [&](auto tag) {
     using T = decltype(tag);
     fits = std::max(dim_a, dim_b) <= kSymmetricChunks * kTile &&
-           ResidentRows<T>::extra_bytes(TileLayout<T>::kBytes, dim_a, dim_b) > 0;
+           ResidentRows<T>::extra_bytes(TileLayout<T>::kBytes, dim_a, dim_b, kTile) > 0;
   });
   return fits;
 }
@@ -697,7 +700,7 @@ std::tuple<at::Tensor, at::Tensor> symmetric_forward(const ContrastiveInputs& in
     using A = accum_t<T>;
     auto* kernel = contrastive_symmetric_forward_kernel<T>;
     constexpr size_t base = TileLayout<T>::kSweepBytes;
-    const size_t smem = base + ResidentRows<T>::extra_bytes(base, in.dim_a, dim_b);
+    const size_t smem = base + ResidentRows<T>::extra_bytes(base, in.dim_a, dim_b, kTile);
     allow_shared_memory(kernel, smem);
     kernel<<<dim3(layout.segments * layout.n_blocks), kThreads, smem,
              c10::cuda::getCurrentCUDAStream()>>>(
@@ -729,7 +732,7 @@ std::pair<at::Tensor, at::Tensor> symmetric_backward(const ContrastiveInputs& in
     using A = accum_t<T>;
     auto* kernel = contrastive_symmetric_backward_kernel<T>;
     constexpr size_t base = TileLayout<T>::kBytes;
-    const size_t smem = base + ResidentRows<T>::extra_bytes(base, in.dim_a, dim_b);
+    const size_t smem = base + ResidentRows<T>::extra_bytes(base, in.dim_a, dim_b, kTile);
     allow_shared_memory(kernel, smem);
     kernel<<<dim3(layout.segments * layout.n_blocks), kThreads, smem,
              c10::cuda::getCurrentCUDAStream()>>>(

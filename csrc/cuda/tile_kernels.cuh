@@ -63,7 +63,8 @@ inline size_t shared_memory_limit() {
 // ---------------------------------------------------------------------------------------------
 // Shared memory. One layout per scalar type, carved out of the dynamic shared memory:
 //   stats    [kStats][kTile] accum    per-swept-entity statistics of the tile (lse, delta, prior)
-//   operands 2 x [kTile][kLdChunk] T  feature chunks of the rows and columns of a product;
+//   operands kChunkBuffers x [kTile][kLdChunk] T  feature chunks of the rows and columns of a
+//            product (two pairs for 16-bit types: the next chunks in flight, see tile_product);
 //            [kTile][kLdValue] T      in step 3, the swept features (aliases the chunks)
 //   logits   2 x [kTile][kLdTile] accum  the product tiles
 //   coef     2 x [kTile][kLdCoef] T   coefficient tiles, the left operand of step 3: stored in T
@@ -85,12 +86,14 @@ struct TileLayout {
   static constexpr bool kCoefInPlace = std::is_same_v<T, A>;
   static constexpr int kLdCoef = kCoefInPlace ? kLdTile : kTile + kPad;
   static constexpr int kStats = 3;
+  // (By size alone, so that host and device agree; only the cp.async path uses the second pair.)
+  static constexpr int kChunkBuffers = sizeof(T) == 2 ? 4 : 2;
 
   static constexpr size_t aligned(size_t bytes) { return (bytes + 127) / 128 * 128; }
   static constexpr size_t kOperandOffset = aligned(kStats * kTile * sizeof(A));
   static constexpr size_t kLogitOffset =
       kOperandOffset +
-      aligned(std::max(2 * kTile * kLdChunk, kTile * kLdValue) * sizeof(T));
+      aligned(std::max(kChunkBuffers * kTile * kLdChunk, kTile * kLdValue) * sizeof(T));
   static constexpr size_t kCoefOffset = kLogitOffset + aligned(2 * kTile * kLdTile * sizeof(A));
   static constexpr size_t kStageOffset =
       kCoefOffset + (kCoefInPlace ? 0 : aligned(2 * kTile * kLdCoef * sizeof(T)));
@@ -106,6 +109,8 @@ struct TileSmem {
   A* stats;
   T* chunk_rows;
   T* chunk_cols;
+  T* next_rows;  // the second pair of chunk buffers (the first pair again for 4- and 8-byte T)
+  T* next_cols;
   T* values;
   A* logits[2];
   T* coef[2];
@@ -115,6 +120,8 @@ struct TileSmem {
       : stats(reinterpret_cast<A*>(base)),
         chunk_rows(reinterpret_cast<T*>(base + L::kOperandOffset)),
         chunk_cols(chunk_rows + kTile * L::kLdChunk),
+        next_rows(L::kChunkBuffers == 4 ? chunk_cols + kTile * L::kLdChunk : chunk_rows),
+        next_cols(L::kChunkBuffers == 4 ? next_rows + kTile * L::kLdChunk : chunk_cols),
         values(chunk_rows),
         stage(reinterpret_cast<A*>(base + L::kStageOffset)) {
     for (int i = 0; i < 2; ++i) {
@@ -422,7 +429,7 @@ __device__ __forceinline__ void add_tile(A* dst, int64_t dst_rows, int64_t dst_c
 }
 
 // The owned block's features held in shared memory for a whole sweep (a, and b unless absent):
-// staged once, zero-padded to whole kTile-wide chunks, so that the products stage only the
+// staged once, zero-padded to whole feature chunks, so that the products stage only the
 // swept side. A kernel keeps them where its dynamic shared memory has room (`extra_bytes`,
 // decided on the host from D alone); otherwise (`held` false) the products stage both sides
 // with every tile. Either way the same operands meet in the same order: identical results.
@@ -441,40 +448,46 @@ struct ResidentRows {
   // registers).
   static constexpr bool kEnabled = sizeof(T) < 8;
 
-  // Rows padded to whole kTile-wide feature chunks, so that a product taking the resident rows
-  // as its right operand, kTile features at a time (the symmetric backward), stays inside them.
-  __host__ __device__ static int width(int64_t dim) {
-    return static_cast<int>(ceil_div(dim, kTile) * kTile);
+  // Rows are zero-padded to whole `step`-wide feature chunks: kChunk for the logit products,
+  // which read them kChunk features at a time; kTile for a kernel that also takes them as the
+  // right operand of a product kTile features at a time (the symmetric backward).
+  __host__ __device__ static int width(int64_t dim, int step) {
+    return static_cast<int>(ceil_div(dim, step) * step);
   }
-  __host__ __device__ static int ld(int64_t dim) { return width(dim) + TileLayout<T>::kPad; }
-  __host__ __device__ static size_t bytes(int64_t dim) {
-    return dim > 0 ? TileLayout<T>::aligned(size_t(kTile) * ld(dim) * sizeof(T)) : 0;
+  __host__ __device__ static int ld(int64_t dim, int step) {
+    return width(dim, step) + TileLayout<T>::kPad;
+  }
+  __host__ __device__ static size_t bytes(int64_t dim, int step) {
+    return dim > 0 ? TileLayout<T>::aligned(size_t(kTile) * ld(dim, step) * sizeof(T)) : 0;
   }
   // Shared memory the resident rows take beyond a kernel's `base` bytes on the current GPU: 0
   // when they would not fit (or for float64, whose tiles already fill it). dim_b is 0 without b.
-  static size_t extra_bytes(size_t base, int64_t dim_a, int64_t dim_b) {
-    const size_t extra = bytes(dim_a) + bytes(dim_b);
+  static size_t extra_bytes(size_t base, int64_t dim_a, int64_t dim_b, int step = kChunk) {
+    const size_t extra = bytes(dim_a, step) + bytes(dim_b, step);
     return kEnabled && base + extra <= std::min(kMaxKernelBytes, shared_memory_limit()) ? extra
                                                                                      : 0;
   }
 
   // Stage rows row0 .. row0 + kTile of a (and b) into `region` (the `extra_bytes` after the
-  // kernel's layout), or leave the struct empty when `resident` is false. Ends with a barrier.
+  // kernel's layout, for the same step), or leave the struct empty when `resident` is false.
+  // Ends with a barrier.
   __device__ __forceinline__ static ResidentRows stage(bool resident, unsigned char* region,
                                                        const T* src_a, int64_t dim_a,
                                                        const T* src_b, int64_t dim_b,
-                                                       int64_t n_rows, int64_t row0) {
+                                                       int64_t n_rows, int64_t row0,
+                                                       int step = kChunk) {
     ResidentRows r;
     r.a = reinterpret_cast<const T*>(region);
-    r.b = reinterpret_cast<const T*>(region + bytes(dim_a));
-    r.ld_a = ld(dim_a);
-    r.ld_b = ld(dim_b);
+    r.b = reinterpret_cast<const T*>(region + bytes(dim_a, step));
+    r.ld_a = ld(dim_a, step);
+    r.ld_b = ld(dim_b, step);
     r.held = kEnabled && resident;
     if (!r.held) return r;
-    stage_block(reinterpret_cast<T*>(region), r.ld_a, src_a, dim_a, n_rows, row0);
+    stage_block(reinterpret_cast<T*>(region), r.ld_a, src_a, dim_a, width(dim_a, step), n_rows,
+                row0);
     if (dim_b > 0)
-      stage_block(reinterpret_cast<T*>(region + bytes(dim_a)), r.ld_b, src_b, dim_b, n_rows,
-                  row0);
+      stage_block(reinterpret_cast<T*>(region + bytes(dim_a, step)), r.ld_b, src_b, dim_b,
+                  width(dim_b, step), n_rows, row0);
     __syncthreads();
     return r;
   }
@@ -483,8 +496,8 @@ struct ResidentRows {
   // dst[i * ld + j] = src[(row0 + i) * dim + j] for the block's kTile rows over the padded
   // width, zero outside the n_rows x dim matrix; 16-byte loads (dim is whole vectors).
   __device__ __forceinline__ static void stage_block(T* dst, int ld, const T* src, int64_t dim,
-                                                     int64_t n_rows, int64_t row0) {
-    const int vecs_per_row = width(dim) / kVec<T>;
+                                                     int width, int64_t n_rows, int64_t row0) {
+    const int vecs_per_row = width / kVec<T>;
     for (int idx = threadIdx.x; idx < kTile * vecs_per_row; idx += kThreads) {
       const int i = idx / vecs_per_row, j = idx % vecs_per_row * kVec<T>;
       copy_vector(dst + i * ld + j, ld % kVec<T> == 0, src, n_rows, dim, row0 + i, j);
@@ -501,14 +514,15 @@ __device__ __forceinline__ void tile_product(TileAcc<T>& acc, const TileSmem<T>&
                              const T* resident = nullptr, int ld_resident = 0) {
   using L = TileLayout<T>;
   if (dim <= 0) return;  // (and no copy left in flight unwaited)
-  if constexpr (kAsyncTiles<T> && ResidentRows<T>::kEnabled) {
-    // Double-buffered: the rows' chunk buffer is free while the rows are held, so the swept
-    // side alternates between the two chunk buffers, the next chunk copied during the
-    // products of this one. The barrier closing each step lets the next step's copy overwrite
-    // the buffer this one read.
+  if constexpr (kAsyncTiles<T>) {
+    // Double-buffered: the next chunk is copied during the products of this one, and the
+    // barrier closing each step lets the next step's copy overwrite the buffer this one read.
+    // While the rows are held, the rows' chunk buffer is free, so the swept side alternates
+    // between the two chunk buffers; otherwise both sides alternate between the two pairs.
+    // (Pointers swapped by value: an indexed pair would live in local memory.)
     if (held) {
       T* current = sm.chunk_cols;
-      T* next = sm.chunk_rows;  // swapped by value: an indexed pair would live in local memory
+      T* next = sm.chunk_rows;
       load_tile_async<kTile, kChunk, L::kLdChunk>(current, cols, n_cols, dim, col0, 0);
       for (int64_t k0 = 0; k0 < dim; k0 += kChunk, std::swap(current, next)) {
         if (k0 + kChunk < dim) {
@@ -525,6 +539,29 @@ __device__ __forceinline__ void tile_product(TileAcc<T>& acc, const TileSmem<T>&
       }
       return;
     }
+    T* rows_now = sm.chunk_rows;
+    T* cols_now = sm.chunk_cols;
+    T* rows_next = sm.next_rows;
+    T* cols_next = sm.next_cols;
+    load_tile_async<kTile, kChunk, L::kLdChunk>(rows_now, rows, n_rows, dim, row0, 0);
+    load_tile_async<kTile, kChunk, L::kLdChunk>(cols_now, cols, n_cols, dim, col0, 0);
+    for (int64_t k0 = 0; k0 < dim;
+         k0 += kChunk, std::swap(rows_now, rows_next), std::swap(cols_now, cols_next)) {
+      if (k0 + kChunk < dim) {
+        load_tile_async<kTile, kChunk, L::kLdChunk>(rows_next, rows, n_rows, dim, row0,
+                                                    k0 + kChunk);
+        load_tile_async<kTile, kChunk, L::kLdChunk>(cols_next, cols, n_cols, dim, col0,
+                                                    k0 + kChunk);
+        wait_async_tiles<2>();  // (a group a side)
+      } else {
+        wait_async_tiles<0>();
+      }
+      __syncthreads();
+      acc.template mma</*kBTransposed=*/true>(rows_now, L::kLdChunk, cols_now, L::kLdChunk,
+                                              kChunk);
+      __syncthreads();
+    }
+    return;
   } else if constexpr (ResidentRows<T>::kEnabled) {
     if (held) {  // two loops rather than a branch in one: both straight-line
       for (int64_t k0 = 0; k0 < dim; k0 += kChunk) {

@@ -325,37 +325,46 @@ def _cuda_kernels_run(fn) -> set[str]:
     return {event.name for event in prof.events() if event.device_type.name == "CUDA"}
 
 
+def _many_blocks_case(dt, sweep, backend="cuda"):
+    """Losses and gradients (float64, on the CPU) of "concat" NT-Xent over 2N = 16384 rows of
+    D = 128 features in dtype `dt`, under `sweep`."""
+    from icl_msr_kernels.backends import load_backend
+
+    gen = torch.Generator().manual_seed(8)
+    a64, b64 = (rownorm(torch.randn(16384, 128, generator=gen, dtype=torch.float64)) / 0.3
+                for _ in range(2))
+    previous = kernel_ops.get_sweep()
+    kernel_ops.set_sweep(sweep)
+    try:
+        a_in = a64.to("cuda", dt).requires_grad_(True)
+        b_in = b64.to("cuda", dt).requires_grad_(True)
+        base, inter = load_backend(backend).contrastive(a_in, b_in, None, None, 0, "concat")
+        grads = torch.autograd.grad(base + 0.7 * inter, (a_in, b_in))
+    finally:
+        kernel_ops.set_sweep(previous)
+    return [t.detach().double().cpu() for t in (base, inter, *grads)]
+
+
+@pytest.fixture(scope="module")
+def many_blocks_truth():
+    return _many_blocks_case(torch.float64, "full", backend="reference")
+
+
 @cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32],
                          ids=lambda d: str(d)[6:])
-def test_symmetric_sweep_many_blocks(dtype, monkeypatch):
+def test_symmetric_sweep_many_blocks(dtype, many_blocks_truth):
     """2N = 16384, D = 128 ("concat"): 256 row blocks, segments of 17 tiles, each column block's
     buffer added to by up to 255 CTAs under its turn counter. The symmetric kernels run (the
     profiler names them), bit-identical run to run, and as close to the float64 reference as
     the full sweep."""
-    gen = torch.Generator().manual_seed(8)
-    a64, b64 = (rownorm(torch.randn(16384, 128, generator=gen, dtype=torch.float64)) / 0.3
-                for _ in range(2))
-    from icl_msr_kernels.backends import load_backend
-
-    kernels = load_backend("cuda")
-
-    def run(dt, sweep, backend_kernels=kernels):
-        monkeypatch.setattr(kernel_ops, "_sweep", sweep)
-        a_in = a64.to("cuda", dt).requires_grad_(True)
-        b_in = b64.to("cuda", dt).requires_grad_(True)
-        base, inter = backend_kernels.contrastive(a_in, b_in, None, None, 0, "concat")
-        grads = torch.autograd.grad(base + 0.7 * inter, (a_in, b_in))
-        return [t.detach().double().cpu() for t in (base, inter, *grads)]
-
-    names = _cuda_kernels_run(lambda: run(dtype, "symmetric"))
+    names = _cuda_kernels_run(lambda: _many_blocks_case(dtype, "symmetric"))
     assert any("contrastive_symmetric_forward_kernel" in n for n in names), sorted(names)
     assert any("contrastive_symmetric_backward_kernel" in n for n in names), sorted(names)
-    first, second = run(dtype, "symmetric"), run(dtype, "symmetric")
+    first, second = _many_blocks_case(dtype, "symmetric"), _many_blocks_case(dtype, "symmetric")
     for x, y in zip(first, second):
         assert torch.equal(x, y)
-    truth = run(torch.float64, "full", load_backend("reference"))
-    full = run(dtype, "full")
-    for got, other, want in zip(first, full, truth):
+    full = _many_blocks_case(dtype, "full")
+    for got, other, want in zip(first, full, many_blocks_truth):
         scale = want.abs().max().clamp_min(1.0)
         assert (got - want).abs().max() / scale <= 2 * (other - want).abs().max() / scale + 1e-5

@@ -561,26 +561,27 @@ __device__ __forceinline__ void tile_product(TileAcc<T>& acc, const TileSmem<T>&
                                               kChunk);
       __syncthreads();
     }
-    return;
-  } else if constexpr (ResidentRows<T>::kEnabled) {
-    if (held) {  // two loops rather than a branch in one: both straight-line
-      for (int64_t k0 = 0; k0 < dim; k0 += kChunk) {
-        load_tile<kTile, kChunk, L::kLdChunk>(sm.chunk_cols, cols, n_cols, dim, col0, k0);
-        __syncthreads();
-        acc.template mma</*kBTransposed=*/true>(resident + k0, ld_resident, sm.chunk_cols,
-                                                L::kLdChunk, kChunk);
-        __syncthreads();
+  } else {
+    if constexpr (ResidentRows<T>::kEnabled) {
+      if (held) {  // two loops rather than a branch in one: both straight-line
+        for (int64_t k0 = 0; k0 < dim; k0 += kChunk) {
+          load_tile<kTile, kChunk, L::kLdChunk>(sm.chunk_cols, cols, n_cols, dim, col0, k0);
+          __syncthreads();
+          acc.template mma</*kBTransposed=*/true>(resident + k0, ld_resident, sm.chunk_cols,
+                                                  L::kLdChunk, kChunk);
+          __syncthreads();
+        }
+        return;
       }
-      return;
     }
-  }
-  for (int64_t k0 = 0; k0 < dim; k0 += kChunk) {
-    load_tile<kTile, kChunk, L::kLdChunk>(sm.chunk_rows, rows, n_rows, dim, row0, k0);
-    load_tile<kTile, kChunk, L::kLdChunk>(sm.chunk_cols, cols, n_cols, dim, col0, k0);
-    __syncthreads();
-    acc.template mma</*kBTransposed=*/true>(sm.chunk_rows, L::kLdChunk, sm.chunk_cols,
-                                            L::kLdChunk, kChunk);
-    __syncthreads();
+    for (int64_t k0 = 0; k0 < dim; k0 += kChunk) {
+      load_tile<kTile, kChunk, L::kLdChunk>(sm.chunk_rows, rows, n_rows, dim, row0, k0);
+      load_tile<kTile, kChunk, L::kLdChunk>(sm.chunk_cols, cols, n_cols, dim, col0, k0);
+      __syncthreads();
+      acc.template mma</*kBTransposed=*/true>(sm.chunk_rows, L::kLdChunk, sm.chunk_cols,
+                                              L::kLdChunk, kChunk);
+      __syncthreads();
+    }
   }
 }
 

@@ -91,10 +91,9 @@ def set_sweep(sweep: str) -> None:
     programs adding their column sides to shared buffers in an order fixed by turn counters, so
     results stay deterministic. Each backend takes it where its kernels fit the problem
     (`triton`: float16/bfloat16 up to D = 128 on a GPU; `cuda`: float32/float16/bfloat16 up
-    to D = 128) and sweeps "full" otherwise; distributed
-    columns and memory banks always take "full", and the CPU kernels always pair the tiles. Not
-    the default until a GPU measurement says it is the faster. Under torch.compile the value at
-    tracing time is the one compiled in.
+    to D = 128) and sweeps "full" otherwise; distributed columns and memory banks always take
+    "full", and the CPU kernels always pair the tiles. Not the default until a GPU measurement
+    says it is the faster. Under torch.compile the value at tracing time is the one compiled in.
     """
     global _sweep
     if sweep not in _SWEEPS:

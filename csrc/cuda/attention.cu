@@ -32,7 +32,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_forward_kernel(
   using A = accum_t<T>;
   using L = TileLayout<T>;
   extern __shared__ __align__(128) unsigned char smem[];
-  const TileSmem<T> sm(smem);
+  const TileSmem<T> sm(smem, L::kBytes);
   const int64_t row0 = int64_t(blockIdx.x) * kTile;
   const int64_t k_tiles = ceil_div(num_prototypes, kTile);
   const int p = tile_row();
@@ -120,7 +120,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_rows_kernel(
   using A = accum_t<T>;
   using L = TileLayout<T>;
   extern __shared__ __align__(128) unsigned char smem[];
-  const TileSmem<T> sm(smem);
+  const TileSmem<T> sm(smem, L::kBytes);
   const int64_t row0 = int64_t(blockIdx.x) * kTile;
   const int64_t split = blockIdx.y;
   const int64_t first_tile = split * tiles_per_split;
@@ -169,7 +169,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_prototypes_ker
   using A = accum_t<T>;
   using L = TileLayout<T>;
   extern __shared__ __align__(128) unsigned char smem[];
-  const TileSmem<T> sm(smem);
+  const TileSmem<T> sm(smem, L::kBytes);
   const int64_t k0 = int64_t(blockIdx.x) * kTile;
   const int64_t split = blockIdx.y;
   const int64_t first_tile = split * tiles_per_split;
@@ -235,7 +235,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& x_in,
         at::kHalf, at::kBFloat16, in.x.scalar_type(), "icl_msr attention_forward (CUDA)", [&] {
           using A = accum_t<scalar_t>;
           auto* kernel = attention_forward_kernel<scalar_t>;
-          constexpr size_t smem = TileLayout<scalar_t>::kBytes;
+          constexpr size_t smem = kernel_bytes<scalar_t>(TileLayout<scalar_t>::kBytes);
           allow_shared_memory(kernel, smem);
           const auto stream = c10::cuda::getCurrentCUDAStream();
           kernel<<<dim3(ceil_div(in.rows, kTile)), kThreads, smem, stream>>>(
@@ -293,7 +293,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, in.x.scalar_type(), "icl_msr attention_backward (CUDA)", [&] {
         using A = accum_t<scalar_t>;
-        constexpr size_t smem = TileLayout<scalar_t>::kBytes;
+        constexpr size_t smem = kernel_bytes<scalar_t>(TileLayout<scalar_t>::kBytes);
         const A inv_t = static_cast<A>(inv_attn_temperature);
         auto* rows_kernel = attention_backward_rows_kernel<scalar_t>;
         allow_shared_memory(rows_kernel, smem);

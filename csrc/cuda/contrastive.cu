@@ -24,7 +24,7 @@ __global__ void __launch_bounds__(kThreads, 1) contrastive_forward_kernel(
   using A = accum_t<T>;
   using L = TileLayout<T>;
   extern __shared__ __align__(128) unsigned char smem[];
-  const TileSmem<T> sm(smem);
+  const TileSmem<T> sm(smem, L::kSweepBytes);
   const int64_t row0 = int64_t(blockIdx.x) * kTile;
   const ResidentRows<T> resident = ResidentRows<T>::stage(
       resident_rows, smem + L::kSweepBytes, a, dim_a, b, combine == kCombineNone ? 0 : dim_b,
@@ -180,7 +180,7 @@ __global__ void __launch_bounds__(kThreads, 1) contrastive_backward_kernel(
   using A = accum_t<T>;
   using L = TileLayout<T>;
   extern __shared__ __align__(128) unsigned char smem[];
-  const TileSmem<T> sm(smem);
+  const TileSmem<T> sm(smem, L::kBytes);
   const int64_t own0 = int64_t(blockIdx.x) * kTile;
   const ResidentRows<T> resident = ResidentRows<T>::stage(
       resident_rows, smem + L::kBytes, own_a, dim_a, own_b,
@@ -434,7 +434,7 @@ __global__ void __launch_bounds__(kThreads, 1) contrastive_symmetric_forward_ker
   using A = accum_t<T>;
   using L = TileLayout<T>;
   extern __shared__ __align__(128) unsigned char smem[];
-  const TileSmem<T> sm(smem);
+  const TileSmem<T> sm(smem, L::kSweepBytes);
   const int64_t n_blocks = ceil_div(rows, kTile);
   const PairWork work = take_pair_work(counters, reinterpret_cast<int*>(sm.stats + 2 * kTile),
                                        n_blocks, segment_tiles);
@@ -524,7 +524,7 @@ __global__ void __launch_bounds__(kThreads, 1) contrastive_symmetric_backward_ke
   using A = accum_t<T>;
   using L = TileLayout<T>;
   extern __shared__ __align__(128) unsigned char smem[];
-  const TileSmem<T> sm(smem);
+  const TileSmem<T> sm(smem, L::kBytes);
   const int64_t n_blocks = ceil_div(rows, kTile);
   // (The slot after the two staged statistics rows.)
   const PairWork work = take_pair_work(counters, reinterpret_cast<int*>(sm.stats + 2 * kTile),
@@ -700,7 +700,8 @@ std::tuple<at::Tensor, at::Tensor> symmetric_forward(const ContrastiveInputs& in
     using A = accum_t<T>;
     auto* kernel = contrastive_symmetric_forward_kernel<T>;
     constexpr size_t base = TileLayout<T>::kSweepBytes;
-    const size_t smem = base + ResidentRows<T>::extra_bytes(base, in.dim_a, dim_b, kTile);
+    const size_t smem =
+        kernel_bytes<T>(base, ResidentRows<T>::extra_bytes(base, in.dim_a, dim_b, kTile));
     allow_shared_memory(kernel, smem);
     kernel<<<dim3(layout.segments * layout.n_blocks), kThreads, smem,
              c10::cuda::getCurrentCUDAStream()>>>(
@@ -732,7 +733,8 @@ std::pair<at::Tensor, at::Tensor> symmetric_backward(const ContrastiveInputs& in
     using A = accum_t<T>;
     auto* kernel = contrastive_symmetric_backward_kernel<T>;
     constexpr size_t base = TileLayout<T>::kBytes;
-    const size_t smem = base + ResidentRows<T>::extra_bytes(base, in.dim_a, dim_b, kTile);
+    const size_t smem =
+        kernel_bytes<T>(base, ResidentRows<T>::extra_bytes(base, in.dim_a, dim_b, kTile));
     allow_shared_memory(kernel, smem);
     kernel<<<dim3(layout.segments * layout.n_blocks), kThreads, smem,
              c10::cuda::getCurrentCUDAStream()>>>(
@@ -773,7 +775,7 @@ std::pair<at::Tensor, at::Tensor> backward_sweep(Sweep sweep, const at::Tensor& 
         constexpr size_t base = TileLayout<scalar_t>::kBytes;
         const size_t resident = ResidentRows<scalar_t>::extra_bytes(
             base, in.dim_a, combine == kCombineNone ? 0 : in.dim_b);
-        const size_t smem = base + resident;
+        const size_t smem = kernel_bytes<scalar_t>(base, resident);
         allow_shared_memory(kernel, smem);
         const int64_t groups =
             ceil_div(std::max(in.dim_a, in.dim_b), kGradChunks<scalar_t> * kTile);
@@ -824,7 +826,7 @@ std::tuple<at::Tensor, at::Tensor> contrastive_forward(
         constexpr size_t base = TileLayout<scalar_t>::kSweepBytes;
         const size_t resident = ResidentRows<scalar_t>::extra_bytes(
             base, in.dim_a, combine == kCombineNone ? 0 : in.dim_b);
-        const size_t smem = base + resident;
+        const size_t smem = kernel_bytes<scalar_t>(base, resident);
         allow_shared_memory(kernel, smem);
         kernel<<<dim3(row_blocks, split.splits), kThreads, smem, stream>>>(
             ptr<scalar_t>(in.a), ptr<scalar_t>(in.b), ptr<scalar_t>(a_cols),

@@ -41,7 +41,7 @@ __global__ void __launch_bounds__(kThreads, 1) pairs_forward_kernel(
   using A = accum_t<T>;
   using L = TileLayout<T>;
   extern __shared__ __align__(128) unsigned char smem[];
-  const TileSmem<T> sm(smem);
+  const TileSmem<T> sm(smem, L::kSweepBytes);
   const int64_t i = pairs[2 * blockIdx.x], j = pairs[2 * blockIdx.x + 1];
   const int64_t i0 = starts[i], i1 = starts[i + 1], j0 = starts[j], j1 = starts[j + 1];
   const int terms = combine == kCombineNone ? 1 : 2;
@@ -95,7 +95,7 @@ __global__ void __launch_bounds__(kThreads, 1) pairs_backward_kernel(
   using A = accum_t<T>;
   using L = TileLayout<T>;
   extern __shared__ __align__(128) unsigned char smem[];
-  const TileSmem<T> sm(smem);
+  const TileSmem<T> sm(smem, L::kBytes);
   const int64_t i = pairs[2 * blockIdx.x], j = pairs[2 * blockIdx.x + 1];
   const int64_t i0 = starts[i], i1 = starts[i + 1], j0 = starts[j], j1 = starts[j + 1];
   const int terms = combine == kCombineNone ? 1 : 2;
@@ -193,7 +193,7 @@ std::tuple<at::Tensor, at::Tensor> contrastive_pairs_forward(
       at::kHalf, at::kBFloat16, a.scalar_type(), "icl_msr contrastive_pairs_forward (CUDA)", [&] {
         using A = accum_t<scalar_t>;
         auto* kernel = pairs_forward_kernel<scalar_t>;
-        constexpr size_t smem = TileLayout<scalar_t>::kSweepBytes;
+        constexpr size_t smem = kernel_bytes<scalar_t>(TileLayout<scalar_t>::kSweepBytes);
         allow_shared_memory(kernel, smem);
         for (const auto& [begin, end] : shape.round_spans) {
           kernel<<<dim3(end - begin), kThreads, smem, stream>>>(
@@ -240,7 +240,7 @@ std::tuple<at::Tensor, at::Tensor> contrastive_pairs_backward(
       at::kHalf, at::kBFloat16, a.scalar_type(), "icl_msr contrastive_pairs_backward (CUDA)", [&] {
         using A = accum_t<scalar_t>;
         auto* kernel = pairs_backward_kernel<scalar_t>;
-        constexpr size_t smem = TileLayout<scalar_t>::kBytes;
+        constexpr size_t smem = kernel_bytes<scalar_t>(TileLayout<scalar_t>::kBytes);
         allow_shared_memory(kernel, smem);
         for (const auto& [begin, end] : shape.round_spans) {
           kernel<<<dim3(end - begin), kThreads, smem, stream>>>(

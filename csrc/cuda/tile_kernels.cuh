@@ -63,8 +63,7 @@ inline size_t shared_memory_limit() {
 // ---------------------------------------------------------------------------------------------
 // Shared memory. One layout per scalar type, carved out of the dynamic shared memory:
 //   stats    [kStats][kTile] accum    per-swept-entity statistics of the tile (lse, delta, prior)
-//   operands kChunkBuffers x [kTile][kLdChunk] T  feature chunks of the rows and columns of a
-//            product (two pairs for 16-bit types: the next chunks in flight, see tile_product);
+//   operands 2 x [kTile][kLdChunk] T  feature chunks of the rows and columns of a product;
 //            [kTile][kLdValue] T      in step 3, the swept features (aliases the chunks)
 //   logits   2 x [kTile][kLdTile] accum  the product tiles
 //   coef     2 x [kTile][kLdCoef] T   coefficient tiles, the left operand of step 3: stored in T
@@ -72,6 +71,9 @@ inline size_t shared_memory_limit() {
 //   stage    [kTile][kLdTile] accum   the slab rows being accumulated in step 3 (in the
 //            contrastive backward, whose rows stay in registers, a second buffer of swept
 //            features until the final store: RowGradients)
+// and after the kernel's layout (kSweepBytes or kBytes) a tail (kernel_bytes) that holds either
+// the owned rows (ResidentRows, when held) or, for 16-bit types, a second pair of chunk buffers
+// (the next chunks in flight while both sides are staged, see tile_product): never both.
 template <typename T>
 struct TileLayout {
   using A = accum_t<T>;
@@ -86,21 +88,30 @@ struct TileLayout {
   static constexpr bool kCoefInPlace = std::is_same_v<T, A>;
   static constexpr int kLdCoef = kCoefInPlace ? kLdTile : kTile + kPad;
   static constexpr int kStats = 3;
-  // (By size alone, so that host and device agree; only the cp.async path uses the second pair.)
-  static constexpr int kChunkBuffers = sizeof(T) == 2 ? 4 : 2;
 
   static constexpr size_t aligned(size_t bytes) { return (bytes + 127) / 128 * 128; }
   static constexpr size_t kOperandOffset = aligned(kStats * kTile * sizeof(A));
   static constexpr size_t kLogitOffset =
-      kOperandOffset +
-      aligned(std::max(kChunkBuffers * kTile * kLdChunk, kTile * kLdValue) * sizeof(T));
+      kOperandOffset + aligned(std::max(2 * kTile * kLdChunk, kTile * kLdValue) * sizeof(T));
   static constexpr size_t kCoefOffset = kLogitOffset + aligned(2 * kTile * kLdTile * sizeof(A));
   static constexpr size_t kStageOffset =
       kCoefOffset + (kCoefInPlace ? 0 : aligned(2 * kTile * kLdCoef * sizeof(T)));
   // Bytes for kernels with steps 1-2 only (the contrastive forward), and with all three.
   static constexpr size_t kSweepBytes = kCoefOffset;
   static constexpr size_t kBytes = kStageOffset + aligned(kTile * kLdTile * sizeof(A));
+  // The second pair of chunk buffers in the tail (by size alone, so that host and device agree;
+  // only the cp.async path uses it).
+  static constexpr size_t kNextChunkBytes =
+      sizeof(T) == 2 ? aligned(2 * kTile * kLdChunk * sizeof(T)) : 0;
 };
+
+// Dynamic shared memory of a kernel whose layout ends at `base` (kSweepBytes or kBytes): the
+// tail holds the resident rows (`resident` bytes, ResidentRows::extra_bytes) when they are held,
+// else the second pair of chunk buffers.
+template <typename T>
+constexpr size_t kernel_bytes(size_t base, size_t resident = 0) {
+  return base + (resident > 0 ? resident : TileLayout<T>::kNextChunkBytes);
+}
 
 template <typename T>
 struct TileSmem {
@@ -109,19 +120,20 @@ struct TileSmem {
   A* stats;
   T* chunk_rows;
   T* chunk_cols;
-  T* next_rows;  // the second pair of chunk buffers (the first pair again for 4- and 8-byte T)
+  T* next_rows;  // the second pair of chunk buffers, in the tail (16-bit types only)
   T* next_cols;
   T* values;
   A* logits[2];
   T* coef[2];
   A* stage;
 
-  __device__ __forceinline__ explicit TileSmem(unsigned char* base)
+  // tail: where the kernel's layout ends (kSweepBytes or kBytes).
+  __device__ __forceinline__ TileSmem(unsigned char* base, size_t tail)
       : stats(reinterpret_cast<A*>(base)),
         chunk_rows(reinterpret_cast<T*>(base + L::kOperandOffset)),
         chunk_cols(chunk_rows + kTile * L::kLdChunk),
-        next_rows(L::kChunkBuffers == 4 ? chunk_cols + kTile * L::kLdChunk : chunk_rows),
-        next_cols(L::kChunkBuffers == 4 ? next_rows + kTile * L::kLdChunk : chunk_cols),
+        next_rows(reinterpret_cast<T*>(base + tail)),
+        next_cols(next_rows + kTile * L::kLdChunk),
         values(chunk_rows),
         stage(reinterpret_cast<A*>(base + L::kStageOffset)) {
     for (int i = 0; i < 2; ++i) {

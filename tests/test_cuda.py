@@ -12,6 +12,7 @@ Two groups:
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import pytest
@@ -101,6 +102,19 @@ def _built_library(arch: str = "sm_90") -> str:
     return path
 
 
+@functools.lru_cache(maxsize=1)
+def _sass_sm90_of(path: str) -> dict:
+    from benchmarks import sass
+
+    return sass.sass(path, "sm_90")
+
+
+def _sass_sm90() -> dict:
+    """The built kernels' sm_90 SASS by kernel name (disassembled once for the tests that read
+    it)."""
+    return _sass_sm90_of(_built_library())
+
+
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_cuda_kernels_use_no_local_memory(arch):
     """No kernel spills registers or keeps an array in local memory: zero stack everywhere."""
@@ -118,7 +132,7 @@ def test_half_precision_kernels_stage_operands_16_bytes_at_a_time():
     code (its staging copies unrolled)."""
     from benchmarks import sass
 
-    code = sass.sass(_built_library(), "sm_90")
+    code = _sass_sm90()
     half = {name: ins for name, ins in code.items() if "<BFloat16>" in name or "<Half>" in name}
     assert len(half) >= 12, sorted(code)
     for name, instructions in half.items():
@@ -139,7 +153,7 @@ def test_tensor_core_fragments_load_with_ldmatrix():
     (LDGSTS, double-buffered), with no register round trip (LDG + STS)."""
     from benchmarks import sass
 
-    code = sass.sass(_built_library(), "sm_90")
+    code = _sass_sm90()
     for name, instructions in code.items():
         if "<BFloat16>" not in name and "<Half>" not in name:
             continue

@@ -684,6 +684,19 @@ PairLayout pair_layout(int64_t rows) {
   return {n_blocks, segment_tiles, ceil_div(n_blocks, segment_tiles)};
 }
 
+// Launches a symmetric-sweep kernel whose layout ends at `base`: a CTA a (segment, block)
+// ticket, the owned rows resident in the tail (symmetric_fits has checked that they fit).
+template <typename T, typename Kernel, typename... Args>
+void launch_symmetric(Kernel* kernel, size_t base, const ContrastiveInputs& in, int64_t dim_b,
+                      const PairLayout& layout, Args... args) {
+  const size_t smem =
+      kernel_bytes<T>(base, ResidentRows<T>::extra_bytes(base, in.dim_a, dim_b, kTile));
+  allow_shared_memory(kernel, smem);
+  kernel<<<dim3(layout.segments * layout.n_blocks), kThreads, smem,
+           c10::cuda::getCurrentCUDAStream()>>>(args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 std::tuple<at::Tensor, at::Tensor> symmetric_forward(const ContrastiveInputs& in) {
   const int64_t combine = in.combine;
   const int64_t dim_b = combine == kCombineNone ? 0 : in.dim_b;
@@ -698,17 +711,11 @@ std::tuple<at::Tensor, at::Tensor> symmetric_forward(const ContrastiveInputs& in
   dispatch_symmetric(in.a.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     using A = accum_t<T>;
-    auto* kernel = contrastive_symmetric_forward_kernel<T>;
-    constexpr size_t base = TileLayout<T>::kSweepBytes;
-    const size_t smem =
-        kernel_bytes<T>(base, ResidentRows<T>::extra_bytes(base, in.dim_a, dim_b, kTile));
-    allow_shared_memory(kernel, smem);
-    kernel<<<dim3(layout.segments * layout.n_blocks), kThreads, smem,
-             c10::cuda::getCurrentCUDAStream()>>>(
-        ptr<T>(in.a), ptr<T>(in.b), in.rows, in.dim_a, dim_b, combine, layout.segment_tiles,
-        layout.segments, counters.data_ptr<int>(), part_max.data_ptr<A>(),
-        part_sum.data_ptr<A>(), pos_logit.data_ptr<A>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_symmetric<T>(contrastive_symmetric_forward_kernel<T>, TileLayout<T>::kSweepBytes, in,
+                        dim_b, layout, ptr<T>(in.a), ptr<T>(in.b), in.rows, in.dim_a, dim_b,
+                        combine, layout.segment_tiles, layout.segments,
+                        counters.data_ptr<int>(), part_max.data_ptr<A>(),
+                        part_sum.data_ptr<A>(), pos_logit.data_ptr<A>());
   });
   return finish_forward(part_max, part_sum, pos_logit, combine == kCombineNone ? 1 : 2);
 }
@@ -731,17 +738,11 @@ std::pair<at::Tensor, at::Tensor> symmetric_backward(const ContrastiveInputs& in
   dispatch_symmetric(in.a.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     using A = accum_t<T>;
-    auto* kernel = contrastive_symmetric_backward_kernel<T>;
-    constexpr size_t base = TileLayout<T>::kBytes;
-    const size_t smem =
-        kernel_bytes<T>(base, ResidentRows<T>::extra_bytes(base, in.dim_a, dim_b, kTile));
-    allow_shared_memory(kernel, smem);
-    kernel<<<dim3(layout.segments * layout.n_blocks), kThreads, smem,
-             c10::cuda::getCurrentCUDAStream()>>>(
-        ptr<T>(in.a), ptr<T>(in.b), in.rows, in.dim_a, dim_b, combine, row_lse.data_ptr<A>(),
-        grad_unit.data_ptr<A>(), layout.segment_tiles, counters.data_ptr<int>(),
-        row_a.data_ptr<A>(), row_b.data_ptr<A>(), col_a.data_ptr<A>(), col_b.data_ptr<A>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_symmetric<T>(contrastive_symmetric_backward_kernel<T>, TileLayout<T>::kBytes, in,
+                        dim_b, layout, ptr<T>(in.a), ptr<T>(in.b), in.rows, in.dim_a, dim_b,
+                        combine, row_lse.data_ptr<A>(), grad_unit.data_ptr<A>(),
+                        layout.segment_tiles, counters.data_ptr<int>(), row_a.data_ptr<A>(),
+                        row_b.data_ptr<A>(), col_a.data_ptr<A>(), col_b.data_ptr<A>());
   });
   const auto dtype = in.a.scalar_type();
   at::Tensor grad_a = scaled_gradient(row_a.add_(col_a), grad_scale, in.rows, in.in_dim_a, dtype);

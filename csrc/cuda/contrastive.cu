@@ -12,6 +12,33 @@
 namespace icl_msr::cuda {
 namespace {
 
+// Thread (p, lane)'s share of a tile's negatives for its row `row` (tile row p): folded into the
+// row's running (max, sum) per term, skipping the row's own column `self` and its `positive`
+// (-1: none among the columns) and the columns past `cols`; the positive, merged in by the
+// finishing kernel, has its logit recorded in pos_logit (2, rows) where the tile holds it.
+template <typename T>
+__device__ __forceinline__ void fold_row_negatives(const TileSmem<T>& sm, int64_t rows,
+                                                   int64_t row, int64_t cols, int64_t col0,
+                                                   int64_t self, int64_t positive, int terms,
+                                                   accum_t<T> (&run_max)[2],
+                                                   accum_t<T> (&run_sum)[2],
+                                                   accum_t<T>* pos_logit) {
+  using A = accum_t<T>;
+  using L = TileLayout<T>;
+  const auto candidate = [&](int q) {
+    return col0 + q < cols && col0 + q != self && col0 + q != positive;
+  };
+#pragma unroll
+  for (int term = 0; term < 2; ++term) {
+    if (term >= terms) break;
+    const A* logit = sm.logits[term] + tile_row() * L::kLdTile;
+    fold_tile_row(run_max[term], run_sum[term], [&](int q) { return logit[q]; }, candidate);
+    const int64_t q = positive - col0;
+    if (q >= 0 && q < kTile && q % kLanesPerRow == tile_lane())
+      pos_logit[term * rows + row] = logit[q];
+  }
+}
+
 // Forward: CTA (row block, split) folds the column tiles of its split into each row's running
 // (max, sum) per term, skipping the self column, and records the positive's logit.
 // Writes part_max/part_sum (splits, 2, rows) and pos_logit (2, rows).
@@ -47,21 +74,9 @@ __global__ void __launch_bounds__(kThreads, 1) contrastive_forward_kernel(
     contrastive_logits(sm, a, b, rows, row0, a_cols, b_cols, cols, col0, dim_a, dim_b, combine,
                        resident);
     __syncthreads();
-    if (row < rows) {
-      // The negatives: the positive is merged in by the finishing kernel.
-      const auto candidate = [&](int q) {
-        return col0 + q < cols && col0 + q != self && col0 + q != positive;
-      };
-#pragma unroll
-      for (int term = 0; term < 2; ++term) {
-        if (term >= terms) break;
-        const A* logit = sm.logits[term] + p * L::kLdTile;
-        fold_tile_row(run_max[term], run_sum[term], [&](int q) { return logit[q]; }, candidate);
-        const int64_t q = positive - col0;
-        if (q >= 0 && q < kTile && q % kLanesPerRow == tile_lane())
-          pos_logit[term * rows + row] = logit[q];
-      }
-    }
+    if (row < rows)
+      fold_row_negatives(sm, rows, row, cols, col0, self, positive, terms, run_max, run_sum,
+                         pos_logit);
     __syncthreads();  // the next tile overwrites the logits
   }
 
@@ -455,21 +470,9 @@ __global__ void __launch_bounds__(kThreads, 1) contrastive_symmetric_forward_ker
     contrastive_logits(sm, a, b, rows, row0, a, b, rows, col0, dim_a, dim_b, combine, resident);
     __syncthreads();
     if (k == 0) {  // the diagonal tile holds both orientations of its pairs: its rows only
-      if (row < rows) {
-        const auto candidate = [&](int q) {
-          return col0 + q < rows && col0 + q != row && col0 + q != positive;
-        };
-#pragma unroll
-        for (int term = 0; term < 2; ++term) {
-          if (term >= terms) break;
-          const A* logit = sm.logits[term] + p * L::kLdTile;
-          fold_tile_row(run_max[term], run_sum[term], [&](int q) { return logit[q]; },
-                        candidate);
-          const int64_t q = positive - col0;
-          if (q >= 0 && q < kTile && q % kLanesPerRow == tile_lane())
-            pos_logit[term * rows + row] = logit[q];
-        }
-      }
+      if (row < rows)
+        fold_row_negatives(sm, rows, row, rows, col0, row, positive, terms, run_max, run_sum,
+                           pos_logit);
     } else {
       A col_max[2] = {neg_inf<A>(), neg_inf<A>()};
       A col_sum[2] = {A(0), A(0)};

@@ -267,20 +267,25 @@ __global__ void __launch_bounds__(kThreads, 1) contrastive_backward_kernel(
 // per block, all zero at launch.
 
 struct PairWork {
+  int64_t n_blocks;                // row blocks of the rows
   int64_t block, segment, k0, k1;  // row block i, its segment, distances [k0, k1)
 };
 
-// The work of the ticket this CTA takes; `slot` is shared memory for the broadcast.
-__device__ PairWork take_pair_work(int* counters, int* slot, int64_t n_blocks,
+// The work of the ticket this CTA takes, broadcast through the third statistics row of sm (the
+// backward stages the swept block's log-sum-exps in the first two).
+template <typename T>
+__device__ PairWork take_pair_work(int* counters, const TileSmem<T>& sm, int64_t rows,
                                    int64_t segment_tiles) {
+  int* const slot = reinterpret_cast<int*>(sm.stats + 2 * kTile);
   if (threadIdx.x == 0) *slot = atomicAdd(counters, 1);
   __syncthreads();
   const int64_t ticket = *slot;
   PairWork w;
-  w.segment = ticket / n_blocks;
-  w.block = n_blocks - 1 - ticket % n_blocks;
+  w.n_blocks = ceil_div(rows, kTile);
+  w.segment = ticket / w.n_blocks;
+  w.block = w.n_blocks - 1 - ticket % w.n_blocks;
   w.k0 = w.segment * segment_tiles;
-  w.k1 = std::min(w.k0 + segment_tiles, n_blocks - w.block);
+  w.k1 = std::min(w.k0 + segment_tiles, w.n_blocks - w.block);
   return w;
 }
 
@@ -450,9 +455,7 @@ __global__ void __launch_bounds__(kThreads, 1) contrastive_symmetric_forward_ker
   using L = TileLayout<T>;
   extern __shared__ __align__(128) unsigned char smem[];
   const TileSmem<T> sm(smem, L::kSweepBytes);
-  const int64_t n_blocks = ceil_div(rows, kTile);
-  const PairWork work = take_pair_work(counters, reinterpret_cast<int*>(sm.stats + 2 * kTile),
-                                       n_blocks, segment_tiles);
+  const PairWork work = take_pair_work(counters, sm, rows, segment_tiles);
   if (work.k0 >= work.k1) return;
   const bool with_b = combine != kCombineNone;
   const int terms = with_b ? 2 : 1;
@@ -528,10 +531,7 @@ __global__ void __launch_bounds__(kThreads, 1) contrastive_symmetric_backward_ke
   using L = TileLayout<T>;
   extern __shared__ __align__(128) unsigned char smem[];
   const TileSmem<T> sm(smem, L::kBytes);
-  const int64_t n_blocks = ceil_div(rows, kTile);
-  // (The slot after the two staged statistics rows.)
-  const PairWork work = take_pair_work(counters, reinterpret_cast<int*>(sm.stats + 2 * kTile),
-                                       n_blocks, segment_tiles);
+  const PairWork work = take_pair_work(counters, sm, rows, segment_tiles);
   if (work.k0 >= work.k1) return;  // (later segments are empty too: nobody waits for this one)
   const bool with_b = combine != kCombineNone;
   const int terms = with_b ? 2 : 1;
@@ -596,7 +596,7 @@ __global__ void __launch_bounds__(kThreads, 1) contrastive_symmetric_backward_ke
     }
     __syncthreads();  // the next tile overwrites the statistics, logits and coefficients
   }
-  int* const row_turn = counters + 1 + n_blocks + work.block;
+  int* const row_turn = counters + 1 + work.n_blocks + work.block;
   wait_turn(row_turn, static_cast<int>(work.segment));
   accum_t<T>* const buffers[2] = {row_grad_a, row_grad_b};
   grads.store(sm, buffers, rows, own0, swept_features, /*add=*/true);

@@ -29,7 +29,8 @@ $(PY):
 $(STAMP): $(PY) $(SOURCES)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q --no-compile -r requirements-dev.txt
-	$(PY) -m compileall -q -j 0 "$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" > /dev/null || true
+	$(PY) -m compileall -q -j 0 \
+	    "$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" > /dev/null || true
 	$(PY) -m pip install -q --no-build-isolation -e .
 	touch $(STAMP)
 

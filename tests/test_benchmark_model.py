@@ -1,5 +1,6 @@
-"""The benchmark's FLOP model and provider names (benchmarks/problem.py, providers.py): what each
-fused provider is credited with multiplying, since the reported GEMM-floor fractions divide by it."""
+"""The benchmark's FLOP model and provider names (benchmarks/problem.py, providers.py): what
+each fused provider is credited with multiplying, since the reported GEMM-floor fractions divide
+by it."""
 
 from __future__ import annotations
 

@@ -3,7 +3,8 @@
 TRITON_INTERPRET=1 must be set before triton is first imported, which this process has already
 done, so they run in child pytest processes: the conformance suite's "triton" CPU entries (the
 full sweep's and the symmetric sweep's) and test_triton.py's interpreter tests. The children
-interpret on one core each, so they run in two lanes side by side. Each file can also be run directly:
+interpret on one core each, so they run in two lanes side by side. Each file can also be run
+directly:
 `TRITON_INTERPRET=1 pytest -m "not cuda" -k triton tests/test_conformance.py`,
 `TRITON_INTERPRET=1 pytest -m "not cuda" tests/test_triton.py`.
 """

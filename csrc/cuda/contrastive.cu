@@ -356,8 +356,12 @@ __device__ __forceinline__ void fold_pair_tile(const TileSmem<T>& sm, int64_t ro
   const int64_t row_positive = positive_column(row, rows, 0);
   const int64_t col_positive = positive_column(col, rows, 0);
   // Entry (p, q) of row p; entry (r, p) of column p (the relation is symmetric).
-  const auto in_row = [&](int q) { return row < rows && col0 + q < rows && col0 + q != row_positive; };
-  const auto in_col = [&](int r) { return col < rows && row0 + r < rows && row0 + r != col_positive; };
+  const auto in_row = [&](int q) {
+    return row < rows && col0 + q < rows && col0 + q != row_positive;
+  };
+  const auto in_col = [&](int r) {
+    return col < rows && row0 + r < rows && row0 + r != col_positive;
+  };
   A* const scratch = sm.stats;  // the per-warp maxima (the forward has no statistics to stage)
   A row_max[2], top[2];
   bool far = false;

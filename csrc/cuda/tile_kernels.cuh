@@ -174,7 +174,8 @@ struct FmaTile {
       A av[4], bv[4];
 #pragma unroll
       for (int i = 0; i < 4; ++i)
-        av[i] = static_cast<A>(kATransposed ? a[k * lda + ty + 16 * i] : a[(ty + 16 * i) * lda + k]);
+        av[i] = static_cast<A>(kATransposed ? a[k * lda + ty + 16 * i]
+                                            : a[(ty + 16 * i) * lda + k]);
 #pragma unroll
       for (int j = 0; j < 4; ++j)
         bv[j] = static_cast<A>(kBTransposed ? b[(tx + 16 * j) * ldb + k]
@@ -237,15 +238,23 @@ __device__ __forceinline__ void load_shared_fragment(wmma::fragment<Use, 16, 16,
   uint32_t* r = reinterpret_cast<uint32_t*>(f.x);
   const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(p));
   if constexpr (kBf16) {
-    if constexpr (kA && kRow) ICL_MSR_WMMA_LOAD4("wmma.load.a.sync.aligned.row.m16n16k16.shared.bf16");
-    else if constexpr (kA) ICL_MSR_WMMA_LOAD4("wmma.load.a.sync.aligned.col.m16n16k16.shared.bf16");
-    else if constexpr (kRow) ICL_MSR_WMMA_LOAD4("wmma.load.b.sync.aligned.row.m16n16k16.shared.bf16");
-    else ICL_MSR_WMMA_LOAD4("wmma.load.b.sync.aligned.col.m16n16k16.shared.bf16");
+    if constexpr (kA && kRow)
+      ICL_MSR_WMMA_LOAD4("wmma.load.a.sync.aligned.row.m16n16k16.shared.bf16");
+    else if constexpr (kA)
+      ICL_MSR_WMMA_LOAD4("wmma.load.a.sync.aligned.col.m16n16k16.shared.bf16");
+    else if constexpr (kRow)
+      ICL_MSR_WMMA_LOAD4("wmma.load.b.sync.aligned.row.m16n16k16.shared.bf16");
+    else
+      ICL_MSR_WMMA_LOAD4("wmma.load.b.sync.aligned.col.m16n16k16.shared.bf16");
   } else {
-    if constexpr (kA && kRow) ICL_MSR_WMMA_LOAD8("wmma.load.a.sync.aligned.row.m16n16k16.shared.f16");
-    else if constexpr (kA) ICL_MSR_WMMA_LOAD8("wmma.load.a.sync.aligned.col.m16n16k16.shared.f16");
-    else if constexpr (kRow) ICL_MSR_WMMA_LOAD8("wmma.load.b.sync.aligned.row.m16n16k16.shared.f16");
-    else ICL_MSR_WMMA_LOAD8("wmma.load.b.sync.aligned.col.m16n16k16.shared.f16");
+    if constexpr (kA && kRow)
+      ICL_MSR_WMMA_LOAD8("wmma.load.a.sync.aligned.row.m16n16k16.shared.f16");
+    else if constexpr (kA)
+      ICL_MSR_WMMA_LOAD8("wmma.load.a.sync.aligned.col.m16n16k16.shared.f16");
+    else if constexpr (kRow)
+      ICL_MSR_WMMA_LOAD8("wmma.load.b.sync.aligned.row.m16n16k16.shared.f16");
+    else
+      ICL_MSR_WMMA_LOAD8("wmma.load.b.sync.aligned.col.m16n16k16.shared.f16");
   }
 }
 #undef ICL_MSR_WMMA_LOAD4

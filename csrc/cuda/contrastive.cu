@@ -319,15 +319,6 @@ __device__ void pass_turn(int* counter, int turn) {
   }
 }
 
-// The max over the 4 lanes of a tile row (NaN kept).
-template <typename A>
-__device__ A max_lanes(A value) {
-#pragma unroll
-  for (int offset = 1; offset < kLanesPerRow; offset *= 2)
-    value = nan_max(value, __shfl_xor_sync(0xffffffffu, value, offset));
-  return value;
-}
-
 // How far below the tile's maximum a row's or column's own maximum may lie for the shared
 // shift. The exponential of s - top is good to about |s - top| * 2^-23 relative (the rounding
 // of the argument, then of its product with log2(e) in __expf), so a row 16 below costs its
@@ -574,9 +565,8 @@ __global__ void __launch_bounds__(kThreads, 1) contrastive_symmetric_backward_ke
     if (k > 0) {
       // The transposed tile: block j's rows get coefficientsᵀ · block i's (resident, padded to
       // whole kTile-wide chunks) features, kTile at a time through the stage, under block j's
-      // turn. (Taken before the
-      // products rather than before the first add: a polling loop inside the product loop
-      // would keep it from being straight-line code.)
+      // turn. (Taken before the products rather than before the first add: a polling loop
+      // inside the product loop would keep it from being straight-line code.)
       int* const turn = counters + 1 + j;
       wait_turn(turn, static_cast<int>(k - 1));
 #pragma unroll
@@ -677,13 +667,12 @@ bool takes_symmetric_sweep(const ContrastiveInputs& in, int64_t row_offset) {
 }
 
 // (row blocks, tiles per segment, segments) of the symmetric sweep over `rows` rows: segments
-// of about an eighth of what each of ~256 concurrent CTAs does in all, so that the last CTAs
-// to start end close together.
+// of about an eighth of a CTA's share of the pairs were they spread over kTargetCtas, so that
+// the last CTAs to start end close together.
 struct PairLayout {
   int64_t n_blocks, segment_tiles, segments;
 };
 PairLayout pair_layout(int64_t rows) {
-  constexpr int64_t kTargetCtas = 256;
   const int64_t n_blocks = ceil_div(rows, kTile);
   const int64_t pairs = n_blocks * (n_blocks + 1) / 2;
   const int64_t segment_tiles =

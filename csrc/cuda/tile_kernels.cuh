@@ -836,6 +836,15 @@ __device__ A sum_lanes(A value) {
   return value;
 }
 
+// The max over the lanes of a tile row (NaN kept).
+template <typename A>
+__device__ A max_lanes(A value) {
+#pragma unroll
+  for (int offset = 1; offset < kLanesPerRow; offset *= 2)
+    value = nan_max(value, __shfl_xor_sync(0xffffffffu, value, offset));
+  return value;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Host side.
 
@@ -843,12 +852,14 @@ __device__ A sum_lanes(A value) {
 // Splitting keeps the GPU busy when there are few owned blocks (small batches, few prototypes).
 // The rule depends only on the problem size, never on the device, so a given input always takes
 // the same path; it is capped so that the slabs hold at most kMaxSlabRows rows beyond one.
+// CTAs a launch aims at: about two waves on an H100/H200 (132 SMs, one CTA each).
+constexpr int64_t kTargetCtas = 256;
+
 struct SweepSplit {
   int64_t splits;
   int64_t tiles_per_split;
 };
 inline SweepSplit split_sweep(int64_t owned_blocks, int64_t swept_tiles, int64_t n_own) {
-  constexpr int64_t kTargetCtas = 256;  // about two waves on an H100/H200 (132 SMs)
   constexpr int64_t kMaxSlabRows = 16384;
   int64_t splits = ceil_div(kTargetCtas, std::max<int64_t>(owned_blocks, 1));
   splits = std::min(splits, std::max<int64_t>(1, kMaxSlabRows / std::max<int64_t>(n_own, 1)));
